@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds every proxy-wasm plugin crate for wasm32-wasip1 with the wasm profile
+# and copies the modules to target/plugins/<name>.wasm, where the Envoy
+# configs, the host and the tests look for them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pkgs=()
+for toml in plugins/*/Cargo.toml; do
+  if grep -q 'crate-type *= *\["cdylib"\]' "$toml"; then
+    pkgs+=(-p "$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$toml" | head -n1)")
+  fi
+done
+if [ ${#pkgs[@]} -eq 0 ]; then
+  echo "no plugin crates found" >&2
+  exit 1
+fi
+cargo build --locked --target wasm32-wasip1 --profile wasm "${pkgs[@]}"
+mkdir -p target/plugins
+for f in target/wasm32-wasip1/wasm/*.wasm; do
+  n="$(basename "$f" .wasm)"
+  n="${n#kvmesh_plugins_}"
+  cp "$f" "target/plugins/${n//_/-}.wasm"
+done
+ls -l target/plugins

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every kvmesh test on a fresh machine: installs what it needs
+# (scripts/setup.sh), builds the wasm plugins, then runs the whole workspace's
+# tests. This is the README's test command and what .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+bash scripts/setup.sh
+
+step "build wasm plugins (wasm32-wasip1, profile wasm)"
+bash scripts/build-plugins.sh
+
+step "cargo test --workspace"
+export KVMESH_ENVOY="$(envoy_bin)"
+cargo test --workspace --locked
