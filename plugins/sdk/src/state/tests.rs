@@ -26,12 +26,7 @@ type Normal = (
 
 /// Order-independent form of a snapshot: members with load, and per replica
 /// the set of (tier, chunk).
-fn normal(
-    s: &Snapshot,
-) -> (
-    BTreeMap<String, (String, u64)>,
-    BTreeMap<String, BTreeSet<(i32, u64)>>,
-) {
+fn normal(s: &Snapshot) -> Normal {
     let p = s.to_proto();
     let members = p
         .replicas
