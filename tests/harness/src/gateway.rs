@@ -81,6 +81,18 @@ impl StaticGateway {
         self.set_filter_config(&cfg)
     }
 
+    /// Removes the routing filter and the header mutation before it: plain
+    /// Envoy with the same listener, route and cluster (the baseline of the
+    /// overhead benchmark).
+    pub fn without_routing(&mut self) -> anyhow::Result<&mut Self> {
+        let filters = self.doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            [0]["typed_config"]["http_filters"]
+            .as_sequence_mut()
+            .context("http_filters")?;
+        filters.retain(|f| f["name"] == "envoy.filters.http.router");
+        Ok(self)
+    }
+
     /// The YAML to start Envoy with.
     pub fn render(&self) -> anyhow::Result<String> {
         Ok(serde_yaml_ng::to_string(&self.doc)?)
