@@ -369,7 +369,7 @@ pub fn find_catalog_entry<'a>(
     model_id: &str,
 ) -> Result<CatalogEntry, SpecError> {
     for (key, value) in data {
-        let entry: CatalogEntry = serde_yaml::from_str(value)
+        let entry: CatalogEntry = serde_yaml_ng::from_str(value)
             .map_err(|e| SpecError::Catalog(format!("entry {key:?} does not parse: {e}")))?;
         if entry.model_id == model_id {
             return Ok(entry);

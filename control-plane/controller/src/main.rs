@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::ImportHyperpod { file, strict } => {
             let imported = hyperpod::import_yaml(&read(&file)?)?;
             for i in &imported {
-                print!("---\n{}", serde_yaml::to_string(&i.resource)?);
+                print!("---\n{}", serde_yaml_ng::to_string(&i.resource)?);
             }
             let report = hyperpod::report_text(&imported);
             eprint!("{report}");

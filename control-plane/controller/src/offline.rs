@@ -33,7 +33,7 @@ pub enum OfflineError {
     },
     /// Output serialisation failed.
     #[error("yaml: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] serde_yaml_ng::Error),
 }
 
 /// Renders every document of `input` (with `catalog`, a ConfigMap YAML, for `CatalogModel`s)
@@ -46,7 +46,7 @@ pub fn render_yaml(
     let mut out = String::new();
     for object in render_objects(input, catalog, cfg)? {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&object)?);
+        out.push_str(&serde_yaml_ng::to_string(&object)?);
     }
     Ok(out)
 }
@@ -59,14 +59,14 @@ pub fn render_objects(
 ) -> Result<Vec<Value>, OfflineError> {
     let catalog: Option<ConfigMap> =
         catalog
-            .map(serde_yaml::from_str)
+            .map(serde_yaml_ng::from_str)
             .transpose()
             .map_err(|e| OfflineError::Document {
                 index: 0,
                 message: format!("catalog ConfigMap: {e}"),
             })?;
     let mut out = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(input).enumerate() {
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
         let bad = |message: String| OfflineError::Document { index, message };
         let v: Value = serde::Deserialize::deserialize(doc).map_err(|e| bad(e.to_string()))?;
         if v.is_null() {

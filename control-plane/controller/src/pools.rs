@@ -10,8 +10,7 @@ use kvmesh_plugins_sdk::proto::PoolConfig;
 use crate::checked::{Endpoint, strategy_name};
 use crate::crd::endpoint::InferenceEndpointConfigSpec;
 
-/// Default prompt chunk size (the SDK's `DEFAULT_CHUNK_BYTES`).
-pub const DEFAULT_CHUNK_BYTES: u32 = 256;
+pub use kvmesh_plugins_sdk::chunk::DEFAULT_CHUNK_BYTES;
 /// Default number of fallback replicas listed after the primary.
 pub const DEFAULT_MAX_FALLBACKS: u32 = 2;
 

@@ -74,7 +74,7 @@ fn files_get(args: &[G]) -> Result<G, FuncError> {
 /// Renders every template with the chart's default values into parsed objects.
 fn render(namespace: &str) -> Vec<Value> {
     let values: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart().join("values.yaml")).unwrap())
+        serde_yaml_ng::from_str(&std::fs::read_to_string(chart().join("values.yaml")).unwrap())
             .unwrap();
     let root = serde_json::json!({
         "Values": values,
@@ -99,7 +99,7 @@ fn render(namespace: &str) -> Vec<Value> {
         let rendered = t
             .render(&Context::from(to_g(&root)))
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        for doc in serde_yaml::Deserializer::from_str(&rendered) {
+        for doc in serde_yaml_ng::Deserializer::from_str(&rendered) {
             let v: Value = serde::Deserialize::deserialize(doc).unwrap_or_else(|e| {
                 panic!("{} renders invalid YAML: {e}\n{rendered}", path.display())
             });
@@ -325,7 +325,7 @@ fn rendered_chart_objects_pass_kubernetes_schemas() {
     let file = dir.join("chart.yaml");
     let text: String = objs
         .iter()
-        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
+        .map(|o| format!("---\n{}", serde_yaml_ng::to_string(o).unwrap()))
         .collect();
     std::fs::write(&file, text).unwrap();
     let out = Command::new(&tool)
@@ -364,7 +364,8 @@ fn gateway_bootstrap_passes_envoy_validation() {
         .into_iter()
         .find(|c| c["metadata"]["name"] == "kvmesh-gateway")
         .unwrap();
-    let mut boot: Value = serde_yaml::from_str(cm["data"]["envoy.yaml"].as_str().unwrap()).unwrap();
+    let mut boot: Value =
+        serde_yaml_ng::from_str(cm["data"]["envoy.yaml"].as_str().unwrap()).unwrap();
     let pump = chart().join("../../../target/plugins/state-pump.wasm");
     if pump.exists() {
         boot["bootstrap_extensions"][0]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
@@ -383,10 +384,30 @@ fn gateway_bootstrap_passes_envoy_validation() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chart");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("envoy.yaml");
-    std::fs::write(&file, serde_yaml::to_string(&boot).unwrap()).unwrap();
+    std::fs::write(&file, serde_yaml_ng::to_string(&boot).unwrap()).unwrap();
+    // Run with the gateway container's own arguments (node id from --service-node).
+    let gw = of_kind(&objs, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "kvmesh-gateway")
+        .unwrap();
+    let file_arg = file.to_string_lossy().into_owned();
+    let args: Vec<String> = gw["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| match a.as_str().unwrap() {
+            "/etc/envoy/envoy.yaml" => file_arg.clone(),
+            "$(POD_NAME)" => "kvmesh-gateway-0".to_owned(),
+            other => other.to_owned(),
+        })
+        .collect();
+    assert!(
+        args.contains(&file_arg),
+        "the gateway reads the rendered bootstrap"
+    );
     let out = Command::new(envoy)
-        .args(["--mode", "validate", "-c"])
-        .arg(&file)
+        .args(["--mode", "validate"])
+        .args(&args)
         .output()
         .unwrap();
     assert!(

@@ -283,3 +283,60 @@ fn catalog_model_rules() {
     let empty = json!({"spec": {"modelId": "", "replicas": 1}});
     assert!(Validator::new().validate(&s, &empty, None).is_err());
 }
+
+/// Every rule compiles, uses only CRD-scope variables, and stays within the API server's cost
+/// budget by kube-cel's estimate (lists and strings the rules walk carry maxItems/maxLength).
+#[test]
+fn every_rule_compiles_in_scope_and_within_the_cost_budget() {
+    use kube::core::cel::{ScopeContext, WarningKind, analyze_rule, compile_schema};
+
+    fn macro_variables(rule: &str) -> Vec<String> {
+        ["all(", "exists(", "exists_one(", "filter(", "map("]
+            .iter()
+            .flat_map(|m| {
+                rule.match_indices(m)
+                    .map(move |(i, _)| &rule[i + m.len()..])
+            })
+            .filter_map(|rest| rest.split_once(',').map(|(v, _)| v.trim().to_owned()))
+            .filter(|v| v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .collect()
+    }
+
+    fn walk(node: &Value, path: &str, seen: &mut usize) {
+        if let Some(rules) = node
+            .get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+        {
+            let compiled = compile_schema(node);
+            for v in &compiled.validations {
+                assert!(v.is_ok(), "{path}: rule does not compile: {v:?}");
+            }
+            for r in rules {
+                let rule = r["rule"].as_str().unwrap();
+                // kube-cel's scope check does not know macro-bound variables (`all(t, ...)`).
+                let bound = macro_variables(rule);
+                let warnings: Vec<_> = analyze_rule(rule, &compiled, ScopeContext::CrdValidation)
+                    .into_iter()
+                    .filter(|w| {
+                        !(w.kind == WarningKind::WrongScope
+                            && bound.iter().any(|b| w.message.contains(&format!("'{b}'"))))
+                    })
+                    .collect();
+                assert!(warnings.is_empty(), "{path}: {rule}: {warnings:?}");
+                *seen += 1;
+            }
+        }
+        if let Some(props) = node.get("properties").and_then(Value::as_object) {
+            for (k, child) in props {
+                walk(child, &format!("{path}.{k}"), seen);
+            }
+        }
+        if let Some(items) = node.get("items") {
+            walk(items, &format!("{path}[]"), seen);
+        }
+    }
+    let mut seen = 0;
+    walk(&schema::<InferenceEndpointConfig>(), "", &mut seen);
+    walk(&schema::<CatalogModel>(), "", &mut seen);
+    assert!(seen >= 30, "only {seen} rules found");
+}

@@ -49,7 +49,7 @@ fn assert_valid<K: CustomResourceExt>(i: &Imported) {
     if let Err(errs) = Validator::new().validate_with_defaults(&schema, &i.resource, None) {
         panic!(
             "imported resource fails CEL: {errs:?}\n{}",
-            serde_yaml::to_string(&i.resource).unwrap()
+            serde_yaml_ng::to_string(&i.resource).unwrap()
         );
     }
 }
@@ -168,7 +168,7 @@ fn s3_samples_import_render_and_keep_the_environment() {
             reported(&i, "spec.endpointName"),
             Some(FindingKind::NoEquivalent)
         );
-        let yaml = serde_yaml::to_string(&i.resource).unwrap();
+        let yaml = serde_yaml_ng::to_string(&i.resource).unwrap();
         let objects = render_objects(&yaml, None, &RenderConfig::default())
             .expect("imported resource renders");
         assert!(objects.iter().any(|o| o["kind"] == "Deployment"), "{name}");

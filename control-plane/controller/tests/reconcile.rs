@@ -488,7 +488,7 @@ async fn a_catalog_model_without_its_catalog_reports_and_retries_later() {
     );
 
     // Once the catalog exists, the same resource resolves and applies.
-    let catalog: Value = serde_yaml::from_str(
+    let catalog: Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../deploy/examples/catalog.yaml"

@@ -31,7 +31,7 @@ fn render_example(file: &str, catalog: Option<&str>) -> Vec<Value> {
 fn to_yaml(objects: &[Value]) -> String {
     objects
         .iter()
-        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
+        .map(|o| format!("---\n{}", serde_yaml_ng::to_string(o).unwrap()))
         .collect()
 }
 

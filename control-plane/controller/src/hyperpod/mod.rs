@@ -73,7 +73,7 @@ pub struct Imported {
 /// Imports every document of a YAML stream.
 pub fn import_yaml(input: &str) -> Result<Vec<Imported>, ImportError> {
     let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(input) {
+    for doc in serde_yaml_ng::Deserializer::from_str(input) {
         let v: Value =
             serde::Deserialize::deserialize(doc).map_err(|e| ImportError::Parse(e.to_string()))?;
         if v.is_null() {
