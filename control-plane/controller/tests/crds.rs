@@ -340,3 +340,28 @@ fn every_rule_compiles_in_scope_and_within_the_cost_budget() {
     walk(&schema::<CatalogModel>(), "", &mut seen);
     assert!(seen >= 30, "only {seen} rules found");
 }
+
+/// The shipped examples pass the CRD schema's CEL rules (with schema defaults applied).
+#[test]
+fn shipped_examples_pass_the_cel_rules() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/examples");
+    let mut checked = 0;
+    for file in [
+        "llama-ordered.yaml",
+        "smollm-preferred.yaml",
+        "fsx-node-affinity.yaml",
+        "catalog-model.yaml",
+    ] {
+        let obj: Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
+        let schema = match obj["kind"].as_str().unwrap() {
+            "CatalogModel" => schema::<CatalogModel>(),
+            _ => schema::<InferenceEndpointConfig>(),
+        };
+        if let Err(errs) = Validator::new().validate_with_defaults(&schema, &obj, None) {
+            panic!("{file}: {errs:?}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+}
