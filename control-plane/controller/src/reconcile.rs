@@ -396,26 +396,22 @@ async fn invalid<K: EndpointResource>(
 
 async fn cleanup<K: EndpointResource>(obj: &K, ctx: &Context) -> Result<Action, Error> {
     let owner = owner_of(obj)?;
-    // Namespaced objects go with their owner references; the PersistentVolume cannot carry one.
+    // Namespaced objects go with their owner references; the PersistentVolume cannot carry one,
+    // so it is deleted here, and only when its owner label says it is this resource's.
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    if let Some(pv) = pvs.get_opt(&owner.pv_name()).await? {
-        let ours = pv.labels().get(OWNER_UID_LABEL) == owner.uid.as_ref();
-        if ours {
-            match pvs.delete(&owner.pv_name(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+    let Some(pv) = pvs.get_opt(&owner.pv_name()).await? else {
+        return Ok(Action::await_change());
+    };
+    if pv.labels().get(OWNER_UID_LABEL) != owner.uid.as_ref() {
+        return Ok(Action::await_change());
     }
-    publish(
-        ctx,
-        obj,
-        EventType::Normal,
-        "Cleanup",
-        "released the model volume".into(),
-    )
-    .await;
+    match pvs.delete(&owner.pv_name(), &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let note = format!("deleted PersistentVolume {}", owner.pv_name());
+    publish(ctx, obj, EventType::Normal, "Cleanup", note).await;
     Ok(Action::await_change())
 }
 

@@ -116,3 +116,19 @@ fn import_hyperpod_writes_the_resource_and_reports_on_stderr() {
         stderr(&other)
     );
 }
+
+#[test]
+fn run_without_a_cluster_fails_with_a_clear_error() {
+    let o = Command::new(env!("CARGO_BIN_EXE_kvmesh-controller"))
+        .arg("run")
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("HOME", env!("CARGO_TARGET_TMPDIR"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("connecting to the cluster"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -344,6 +344,11 @@ async fn deletion_releases_the_volume_then_removes_the_finalizer() {
         ]
     );
     assert!(st.persistent_volume.is_none());
+    assert!(
+        st.requests
+            .iter()
+            .any(|r| r.path.contains("/events") && r.body["reason"] == "Cleanup")
+    );
     let last = st.requests.last().unwrap();
     let ops = last.body.as_array().unwrap();
     assert_eq!(ops[0]["op"], "test");
@@ -368,6 +373,12 @@ async fn a_volume_of_another_owner_is_left_alone_on_deletion() {
     let st = state.lock().unwrap();
     assert!(st.persistent_volume.is_some());
     assert!(!st.requests.iter().any(|r| r.method == "DELETE"));
+    assert!(
+        !st.requests.iter().any(|r| r.path.contains("/events")),
+        "nothing to report"
+    );
+    let last = st.requests.last().unwrap();
+    assert_eq!(last.body[1]["op"], "remove", "the finalizer still goes");
 }
 
 #[tokio::test]
