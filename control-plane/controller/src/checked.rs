@@ -42,6 +42,9 @@ pub enum SpecError {
     /// The catalog ConfigMap or entry is missing or malformed.
     #[error("catalog: {0}")]
     Catalog(String),
+    /// Another resource already controls the Deployment of this name.
+    #[error("name conflict: {0}")]
+    Conflict(String),
 }
 
 /// How pods are placed on instance types.

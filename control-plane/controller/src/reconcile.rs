@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -178,6 +179,14 @@ pub async fn apply<K: EndpointResource>(obj: &K, ctx: &Context) -> Result<Pass, 
         Ok(ep) => ep,
         Err(err) => return invalid(obj, ctx, &owner, previous, err, now).await,
     };
+
+    if let Some(other) = foreign_controller(ctx, &owner).await? {
+        let err = SpecError::Conflict(format!(
+            "Deployment {}/{} is controlled by {other}; rename one of the two",
+            owner.namespace, owner.name
+        ));
+        return invalid(obj, ctx, &owner, previous, err, now).await;
+    }
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let pod_list = pods
@@ -359,11 +368,10 @@ async fn invalid<K: EndpointResource>(
     err: SpecError,
     now: Timestamp,
 ) -> Result<Pass, Error> {
-    let catalog = matches!(err, SpecError::Catalog(_));
-    let reason = if catalog {
-        "CatalogUnresolved"
-    } else {
-        "InvalidSpec"
+    let (reason, retry) = match err {
+        SpecError::Catalog(_) => ("CatalogUnresolved", true),
+        SpecError::Conflict(_) => ("NameConflict", true),
+        _ => ("InvalidSpec", false),
     };
     let mut status = previous;
     status.observed_generation = obj.meta().generation;
@@ -387,10 +395,11 @@ async fn invalid<K: EndpointResource>(
     if changed {
         publish(ctx, obj, EventType::Warning, reason, msg).await;
     }
-    // A bad spec waits for an edit; a missing catalog entry may appear without one.
+    // A bad spec waits for an edit; a missing catalog entry or a conflicting owner may go away
+    // without one.
     Ok(Pass {
         status,
-        requeue_after: catalog.then_some(CATALOG_RETRY),
+        requeue_after: retry.then_some(CATALOG_RETRY),
     })
 }
 
@@ -413,6 +422,21 @@ async fn cleanup<K: EndpointResource>(obj: &K, ctx: &Context) -> Result<Action, 
     let note = format!("deleted PersistentVolume {}", owner.pv_name());
     publish(ctx, obj, EventType::Normal, "Cleanup", note).await;
     Ok(Action::await_change())
+}
+
+/// The controller of an existing Deployment of this name, when it is not this resource.
+async fn foreign_controller(ctx: &Context, owner: &Owner) -> Result<Option<String>, Error> {
+    let Some(uid) = &owner.uid else {
+        return Ok(None);
+    };
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let Some(d) = deployments.get_opt(&owner.name).await? else {
+        return Ok(None);
+    };
+    Ok(d.owner_references()
+        .iter()
+        .find(|r| r.controller == Some(true) && &r.uid != uid)
+        .map(|r| format!("{} {}", r.kind, r.name)))
 }
 
 /// Whether the scheduler has marked the pod Unschedulable.

@@ -36,6 +36,8 @@ struct Cluster {
     last_deployment: Option<Value>,
     persistent_volume: Option<Value>,
     configmap: Option<Value>,
+    /// An existing Deployment of the endpoint's name.
+    existing_deployment: Option<Value>,
 }
 
 fn not_found() -> (StatusCode, Value) {
@@ -79,6 +81,10 @@ impl Cluster {
         let p = r.path.as_str();
         match (r.method.as_str(), p) {
             ("GET", "/api/v1/namespaces/ns/pods") => (StatusCode::OK, self.pods()),
+            ("GET", _) if p.starts_with("/apis/apps/v1/namespaces/ns/deployments/") => self
+                .existing_deployment
+                .clone()
+                .map_or_else(not_found, |d| (StatusCode::OK, d)),
             ("GET", _) if p.starts_with("/api/v1/namespaces/ns/configmaps/") => self
                 .configmap
                 .clone()
@@ -471,7 +477,7 @@ async fn a_fixed_replica_endpoint_deletes_a_stale_scaled_object() {
     let reqs = state.lock().unwrap().requests.clone();
     let dep = reqs
         .iter()
-        .find(|r| r.path.contains("/deployments/"))
+        .find(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
         .unwrap();
     assert_eq!(dep.body["spec"]["replicas"], 2);
     assert!(reqs.iter().any(|r| r.method == "DELETE"
@@ -661,5 +667,55 @@ async fn ordered_fallback_does_not_widen_when_pods_schedule_in_time() {
         pass.status.placement.unwrap().allowed_instance_types.len(),
         1,
         "never widened"
+    );
+}
+
+#[tokio::test]
+async fn a_deployment_controlled_by_another_resource_is_not_taken_over() {
+    let theirs = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "m", "namespace": "ns", "ownerReferences": [{"apiVersion": "kvmesh.io/v1alpha1",
+            "kind": "CatalogModel", "name": "m", "uid": "other-uid", "controller": true}]}});
+    let (client, state) = fake(Cluster {
+        existing_deployment: Some(theirs),
+        ..Default::default()
+    });
+    let pass = reconcile::apply(&iec(endpoint(true, None)), &ctx(client.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        pass.requeue_after,
+        Some(CATALOG_RETRY),
+        "re-checked: the other resource may go away"
+    );
+    let c = cond(&serde_json::to_value(&pass.status).unwrap(), "Ready").clone();
+    assert_eq!(c["reason"], "NameConflict");
+    assert!(
+        c["message"].as_str().unwrap().contains("CatalogModel m"),
+        "{c}"
+    );
+    assert!(
+        !state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .any(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
+    );
+
+    // Our own Deployment (same uid) is simply applied.
+    let ours = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "m", "namespace": "ns", "ownerReferences": [{"apiVersion": "kvmesh.io/v1alpha1",
+            "kind": "InferenceEndpointConfig", "name": "m", "uid": "uid-1", "controller": true}]}});
+    state.lock().unwrap().existing_deployment = Some(ours);
+    reconcile::apply(&iec(endpoint(true, None)), &ctx(client))
+        .await
+        .unwrap();
+    assert!(
+        state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .any(|r| r.method == "PATCH" && r.path.contains("/deployments/"))
     );
 }
