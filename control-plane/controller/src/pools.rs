@@ -2,13 +2,14 @@
 //! from the resource, its members from the Service's EndpointSlices. Pure: the control plane
 //! feeds it what its watches hold.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kvmesh_plugins_sdk::proto::PoolConfig;
 
-use crate::checked::{Endpoint, strategy_name};
+use crate::checked::{Endpoint, find_catalog_entry, resolve_catalog, strategy_name};
 use crate::crd::endpoint::InferenceEndpointConfigSpec;
+use crate::crd::{CatalogModel, InferenceEndpointConfig};
 
 pub use kvmesh_plugins_sdk::chunk::DEFAULT_CHUNK_BYTES;
 /// Default number of fallback replicas listed after the primary.
@@ -32,6 +33,28 @@ pub struct PoolSource {
     pub name: String,
     /// The resolved spec.
     pub spec: InferenceEndpointConfigSpec,
+}
+
+impl PoolSource {
+    /// From an `InferenceEndpointConfig` (`None` without a namespace or name).
+    pub fn from_endpoint(r: &InferenceEndpointConfig) -> Option<Self> {
+        Some(Self {
+            namespace: r.metadata.namespace.clone()?,
+            name: r.metadata.name.clone()?,
+            spec: r.spec.clone(),
+        })
+    }
+
+    /// From a `CatalogModel` and the data of its catalog ConfigMap (`None` when the entry is
+    /// missing or malformed: that resource forms no pool until its catalog resolves).
+    pub fn from_catalog(r: &CatalogModel, catalog_data: &BTreeMap<String, String>) -> Option<Self> {
+        let entry = find_catalog_entry(catalog_data, &r.spec.model_id).ok()?;
+        Some(Self {
+            namespace: r.metadata.namespace.clone()?,
+            name: r.metadata.name.clone()?,
+            spec: resolve_catalog(&r.spec, &entry),
+        })
+    }
 }
 
 /// The pool config of one endpoint; `None` for a spec that does not check.

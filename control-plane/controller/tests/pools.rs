@@ -142,3 +142,40 @@ fn an_invalid_spec_forms_no_pool() {
     bad.spec.instance_types = Some(vec!["x".into()]); // now both instanceType and instanceTypes
     assert!(pools(&[bad], &[]).is_empty());
 }
+
+#[test]
+fn sources_come_from_either_kind() {
+    use kvmesh_control_plane_controller::crd::{CatalogModel, InferenceEndpointConfig};
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/examples");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let iec: InferenceEndpointConfig =
+        serde_yaml_ng::from_str(&read("llama-ordered.yaml")).unwrap();
+    let a = PoolSource::from_endpoint(&iec).unwrap();
+    let cm: CatalogModel = serde_yaml_ng::from_str(&read("catalog-model.yaml")).unwrap();
+    let catalog: k8s_openapi::api::core::v1::ConfigMap =
+        serde_yaml_ng::from_str(&read("catalog.yaml")).unwrap();
+    let data = catalog.data.unwrap();
+    let b = PoolSource::from_catalog(&cm, &data).unwrap();
+    let got = pools(&[a, b], &[]);
+    let summary: Vec<(&str, &str, &str)> = got
+        .iter()
+        .map(|p| {
+            (
+                p.config.name.as_str(),
+                p.config.model.as_str(),
+                p.config.strategy.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("demo/smollm2-catalog", "SmolLM2-135M-Instruct", "kv-aware"),
+            ("inference/llama-8b", "Llama-3.1-8B-Instruct", "kv-aware"),
+        ]
+    );
+    assert!(
+        PoolSource::from_catalog(&cm, &Default::default()).is_none(),
+        "no pool until the catalog resolves"
+    );
+}
