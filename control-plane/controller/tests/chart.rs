@@ -417,3 +417,52 @@ fn gateway_bootstrap_passes_envoy_validation() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The control plane's config is what its parser takes: known keys only, at least one pool,
+/// and the gateway's port among the pool listeners.
+#[test]
+fn control_plane_config_has_pools_on_the_gateway_port() {
+    let objs = render("kvmesh-system");
+    let cm = of_kind(&objs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "kvmesh-control-plane")
+        .unwrap();
+    let cfg: Value =
+        serde_yaml_ng::from_str(cm["data"]["control-plane.yaml"].as_str().unwrap()).unwrap();
+    let keys: Vec<&str> = cfg
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for k in &keys {
+        assert!(
+            [
+                "grpc",
+                "admin",
+                "replica_silence_ms",
+                "module_store",
+                "pools"
+            ]
+            .contains(k),
+            "unknown key {k}"
+        );
+    }
+    let pools = cfg["pools"].as_array().unwrap();
+    assert!(
+        !pools.is_empty(),
+        "the control plane refuses an empty pool list"
+    );
+    let gw = of_kind(&objs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "kvmesh-gateway")
+        .unwrap();
+    let port = gw["spec"]["ports"][0]["port"].as_i64().unwrap();
+    assert!(pools.iter().all(|p| {
+        p["listener"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{port}"))
+    }));
+    assert_eq!(cfg["grpc"], "0.0.0.0:18000");
+}
