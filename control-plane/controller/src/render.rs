@@ -144,19 +144,14 @@ impl Rendered {
     /// All objects as JSON, in apply order (volume, claim, deployment, service, autoscaler).
     pub fn objects(&self) -> Vec<Value> {
         let mut out = Vec::new();
-        let mut push = |v: Result<Value, serde_json::Error>| {
-            if let Ok(v) = v {
-                out.push(v);
-            }
-        };
         if let Some(pv) = &self.persistent_volume {
-            push(typed_json(pv));
+            out.push(typed_json(pv));
         }
         if let Some(pvc) = &self.persistent_volume_claim {
-            push(typed_json(pvc));
+            out.push(typed_json(pvc));
         }
-        push(typed_json(&self.deployment));
-        push(typed_json(&self.service));
+        out.push(typed_json(&self.deployment));
+        out.push(typed_json(&self.service));
         if let Some(so) = &self.scaled_object {
             out.push(so.clone());
         }
@@ -164,15 +159,14 @@ impl Rendered {
     }
 }
 
-fn typed_json<K: k8s_openapi::Resource + serde::Serialize>(
-    k: &K,
-) -> Result<Value, serde_json::Error> {
-    let mut v = serde_json::to_value(k)?;
+fn typed_json<K: k8s_openapi::Resource + serde::Serialize>(k: &K) -> Value {
+    // k8s-openapi types have string keys and no custom serialisers that can fail.
+    let mut v = serde_json::to_value(k).expect("k8s-openapi objects serialise to JSON");
     if let Some(o) = v.as_object_mut() {
         o.insert("apiVersion".into(), K::API_VERSION.into());
         o.insert("kind".into(), K::KIND.into());
     }
-    Ok(v)
+    v
 }
 
 /// Renders an endpoint with the given placement.
@@ -561,7 +555,8 @@ fn scaled_object(owner: &Owner, ep: &Endpoint, cfg: &RenderConfig) -> Option<Val
     if let Some(c) = a.cooldown_period {
         spec["cooldownPeriod"] = c.into();
     }
-    let meta = serde_json::to_value(owner.meta(owner.name.clone())).ok()?;
+    let meta = serde_json::to_value(owner.meta(owner.name.clone()))
+        .expect("ObjectMeta serialises to JSON");
     Some(json!({
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
