@@ -46,6 +46,11 @@ fn body(kib: usize) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+fn round(v: &str) -> String {
+    v.parse::<f64>()
+        .map_or_else(|_| v.to_owned(), |x| format!("{x:.0}"))
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -92,20 +97,24 @@ async fn main() -> Result<()> {
         g.set_upstreams(&[upstream.addr()])?;
         configs.push((s.into(), g));
     }
-    let mut running = Vec::new();
-    for (name, g) in &configs {
-        let envoy = Envoy::start(&g.render()?, 1).await?;
-        let url = format!(
-            "http://{}/v1/chat/completions",
-            envoy.listener("gateway").await?
-        );
-        running.push((name.clone(), envoy, url));
-    }
-    // One keep-alive connection per gateway.
-    let clients: Vec<reqwest::Client> = running.iter().map(|_| reqwest::Client::new()).collect();
-    println!("| prompt | configuration | p50 µs | p99 µs | added p50 µs | added p99 µs |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| prompt | configuration | p50 µs | p99 µs | added p50 µs | added p99 µs | decision p50 µs | decision p99 µs |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for &kib in &args.sizes_kib {
+        // Fresh Envoys per size, so each decision histogram holds one size.
+        let mut running = Vec::new();
+        for (name, g) in &configs {
+            let envoy = Envoy::start(&g.render()?, 1).await?;
+            let url = format!(
+                "http://{}/v1/chat/completions",
+                envoy.listener("gateway").await?
+            );
+            running.push((name.clone(), envoy, url));
+        }
+        // One keep-alive connection per gateway.
+        let clients: Vec<reqwest::Client> =
+            running.iter().map(|_| reqwest::Client::new()).collect();
         let payload = body(kib);
         let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(args.requests); running.len()];
         for i in 0..args.warmup + args.requests {
@@ -128,25 +137,21 @@ async fn main() -> Result<()> {
             s.sort_by(f64::total_cmp);
         }
         let (base50, base99) = (quantile(&samples[0], 0.5), quantile(&samples[0], 0.99));
-        for (k, (name, _, _)) in running.iter().enumerate() {
+        for (k, (name, envoy, _)) in running.iter().enumerate() {
             let (p50, p99) = (quantile(&samples[k], 0.5), quantile(&samples[k], 0.99));
+            let (d50, d99) = if k == 0 {
+                ("-".to_owned(), "-".to_owned())
+            } else {
+                let (a, b) =
+                    histogram(envoy, &format!("wasmcustom.kvmesh.{name}.decision_us")).await?;
+                (round(&a), round(&b))
+            };
             println!(
-                "| {kib} KiB | {name} | {p50:.0} | {p99:.0} | {:+.0} | {:+.0} |",
+                "| {kib} KiB | {name} | {p50:.0} | {p99:.0} | {:+.0} | {:+.0} | {d50} | {d99} |",
                 p50 - base50,
                 p99 - base99
             );
         }
-    }
-    println!();
-    println!(
-        "In-filter decision time (parse + hash + select), all sizes together, Envoy histogram:"
-    );
-    println!();
-    println!("| strategy | decision p50 µs | decision p99 µs |");
-    println!("| --- | --- | --- |");
-    for (name, envoy, _) in running.iter().skip(1) {
-        let (p50, p99) = histogram(envoy, &format!("wasmcustom.kvmesh.{name}.decision_us")).await?;
-        println!("| {name} | {p50} | {p99} |");
     }
     Ok(())
 }
