@@ -88,21 +88,15 @@ pub enum ChangeError {
     UnknownPool(String),
 }
 
-/// The JSON plugin configuration of a pool's routing filter (the SDK's
-/// `PoolConfig` in proto field names).
+/// The JSON plugin configuration of a pool's routing filter (the filter's
+/// `FilterConfig`: pool, strategy parameters, chunk size, body limit). Which
+/// strategy runs is the module itself.
 pub fn filter_configuration(pool: &PoolSpec, active: &Active) -> String {
-    let params = if active.spec.params.is_null() {
-        serde_json::json!({})
-    } else {
-        active.spec.params.clone()
-    };
     serde_json::json!({
-        "name": pool.name,
-        "model": pool.model,
+        "pool": pool.name,
+        "strategy": active.spec.params,
         "chunk_bytes": pool.chunk_bytes,
-        "strategy": active.spec.name,
-        "strategy_config": params.to_string(),
-        "max_fallbacks": pool.max_fallbacks,
+        "max_body_bytes": pool.max_body_bytes,
     })
     .to_string()
 }

@@ -9,6 +9,9 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster, LoadBalancingPolicy, cluster, load_balancing_policy,
 };
+use envoy_types::pb::envoy::config::common::mutation_rules::v3::{
+    HeaderMutation as RuleMutation, header_mutation as rule_mutation,
+};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, AsyncDataSource, ConfigSource, DataSource,
     ExtensionConfigSource, SocketAddress, TypedExtensionConfig, address, async_data_source,
@@ -19,18 +22,21 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
-    route_match,
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
+    route_action, route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::{
+    HeaderMutation as HeaderMutationFilter, Mutations,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
+use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::override_host::v3::{
     OverrideHost, override_host,
 };
-use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
 use envoy_types::pb::google::protobuf::{
     Any, BoolValue, Duration as PbDuration, StringValue, UInt32Value,
@@ -81,6 +87,12 @@ fn socket(addr: SocketAddr) -> Address {
     }
 }
 
+/// Envoy's per-connection buffer: above the filter's body limit, so a body
+/// the filter may parse is never cut off (larger ones get 413).
+fn buffer_limit(pool: &PoolSpec) -> u32 {
+    pool.max_body_bytes.saturating_mul(2)
+}
+
 /// Resource names for a pool.
 pub fn listener_name(pool: &str) -> String {
     format!("kvmesh/{pool}")
@@ -108,6 +120,22 @@ pub fn listener(pool: &PoolSpec, with_filter: bool) -> Resource {
             ..Default::default()
         });
     }
+    // Clients never pick the destination: drop their header before the
+    // routing filter (or its absence) decides.
+    let strip = HeaderMutationFilter {
+        mutations: Some(Mutations {
+            request_mutations: vec![RuleMutation {
+                action: Some(rule_mutation::Action::Remove(DESTINATION_HEADER.into())),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.header_mutation".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(&strip))),
+        ..Default::default()
+    });
     if with_filter {
         http_filters.push(HttpFilter {
             name: filter_name(&pool.name),
@@ -141,7 +169,7 @@ pub fn listener(pool: &PoolSpec, with_filter: bool) -> Resource {
         name: listener_name(&pool.name),
         address: Some(socket(pool.listener)),
         per_connection_buffer_limit_bytes: Some(UInt32Value {
-            value: pool.max_body_bytes,
+            value: buffer_limit(pool),
         }),
         filter_chains: vec![FilterChain {
             filters: vec![Filter {
@@ -171,6 +199,14 @@ pub fn route(pool: &PoolSpec) -> Resource {
                         &pool.name,
                     ))),
                     timeout: Some(duration(Duration::from_millis(pool.timeout_ms))),
+                    // A retry walks to the next host the filter listed.
+                    retry_policy: Some(RetryPolicy {
+                        retry_on: "connect-failure,refused-stream,reset,retriable-status-codes"
+                            .into(),
+                        retriable_status_codes: vec![503],
+                        num_retries: Some(UInt32Value { value: 2 }),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -191,8 +227,8 @@ pub fn cluster(pool: &PoolSpec) -> Resource {
         fallback_policy: Some(LoadBalancingPolicy {
             policies: vec![load_balancing_policy::Policy {
                 typed_extension_config: Some(TypedExtensionConfig {
-                    name: "envoy.load_balancing_policies.round_robin".into(),
-                    typed_config: Some(any(&RoundRobin::default())),
+                    name: "envoy.load_balancing_policies.least_request".into(),
+                    typed_config: Some(any(&LeastRequest::default())),
                 }),
             }],
         }),
@@ -208,6 +244,9 @@ pub fn cluster(pool: &PoolSpec) -> Resource {
             service_name: String::new(),
         }),
         connect_timeout: Some(duration(Duration::from_secs(1))),
+        per_connection_buffer_limit_bytes: Some(UInt32Value {
+            value: buffer_limit(pool),
+        }),
         load_balancing_policy: Some(LoadBalancingPolicy {
             policies: vec![load_balancing_policy::Policy {
                 typed_extension_config: Some(TypedExtensionConfig {
@@ -260,7 +299,7 @@ pub fn routing_filter(pool: &str, module_path: &str, configuration_json: &str) -
 fn wasm_plugin(name: &str, module_path: &str, configuration_json: &str) -> PluginConfig {
     PluginConfig {
         name: name.to_owned(),
-        root_id: String::new(),
+        root_id: "kvmesh".into(),
         configuration: Some(any(&StringValue {
             value: configuration_json.to_owned(),
         })),

@@ -338,3 +338,110 @@ async fn control_plane_restart_under_load_fails_nothing_and_resyncs() {
     // Both replicas still serve after the restart.
     assert_eq!(seen(&client, listener, 20).await, set(&["a", "b"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_pump_brings_replica_state_to_every_worker_and_resyncs() {
+    let test = "state_pump_brings_replica_state_to_every_worker_and_resyncs";
+    let Some(bin) = envoy_bin(test) else { return };
+    let (Some(pump), Some(probe_wasm)) = (plugin(test, "state-pump"), plugin(test, "state-probe"))
+    else {
+        return;
+    };
+    let dir = tempdir("pump");
+    let listener = free_port();
+    let grpc_port = free_port();
+    let probe_line = format!("    probe_module: {}\n", probe_wasm.display());
+    let yaml = cp_yaml(
+        grpc_port,
+        listener,
+        &dir.join("store"),
+        "warmup_ms: 500\nreplica_silence_ms: 3000",
+        &probe_line,
+    );
+    let mut cp = ControlPlane::start(&dir, &yaml);
+    let envoy = Envoy::start(&bin, &dir, cp.grpc, Some(&pump));
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let ra = a.reporter(cp.grpc);
+    let rb = b.reporter(cp.grpc);
+    let device = |c: std::ops::Range<u64>| {
+        vec![TierChunks {
+            tier: Tier::Device as i32,
+            chunks: c.collect(),
+        }]
+    };
+    ra.residency(device(0..300), vec![]);
+    rb.residency(device(1000..1100), vec![]);
+    eventually("listener up", WAIT, || async {
+        reqwest::get(format!("http://127.0.0.1:{listener}/kvmesh/state/pool-a"))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let workers = worker_clients(listener, "pool-a", 2).await;
+    eventually(
+        "every worker sees both replicas and their chunks",
+        WAIT,
+        || {
+            all_see(&workers, listener, |v| {
+                v["replicas"].as_array().map_or(0, Vec::len) == 2 && v["indexed_chunks"] == 400
+            })
+        },
+    )
+    .await;
+
+    // A load change and a residency change reach every worker.
+    ra.load(kvmesh_plugins_sdk::proto::Load {
+        waiting: 42,
+        ..Default::default()
+    });
+    rb.residency(device(1100..1105), device(1000..1001));
+    eventually("load and residency change in every worker", WAIT, || {
+        all_see(&workers, listener, |v| {
+            replica_field(v, "a", "waiting") == Some(42) && v["indexed_chunks"] == 404
+        })
+    })
+    .await;
+    let stats = envoy.admin_get("/stats?filter=kvmesh_pump").await;
+    let acks = stats
+        .lines()
+        .find(|l| l.contains("kvmesh_pump.acks"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(acks > 0, "the pump ACKed nothing: {stats}");
+    assert!(
+        !stats
+            .lines()
+            .any(|l| l.contains("kvmesh_pump.nacks") && !l.ends_with(" 0")),
+        "{stats}"
+    );
+
+    // The control plane restarts; changes made meanwhile arrive after the resync,
+    // and the workers never lose the replicas in between.
+    cp.kill();
+    ra.residency(device(300..310), vec![]);
+    let cp = ControlPlane::start_with(cp.config_path.clone());
+    assert_eq!(cp.grpc.port(), grpc_port);
+    eventually("resynced state in every worker", WAIT, || {
+        all_see(&workers, listener, |v| {
+            v["replicas"].as_array().map_or(0, Vec::len) == 2 && v["indexed_chunks"] == 414
+        })
+    })
+    .await;
+    drop(envoy);
+}
+
+/// `Some(())` when every worker's probe view passes `check`.
+async fn all_see(
+    workers: &[reqwest::Client],
+    listener: u16,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Option<()> {
+    for w in workers {
+        if !check(&probe(w, listener, "pool-a").await) {
+            return None;
+        }
+    }
+    Some(())
+}

@@ -110,8 +110,14 @@ async fn strategy_swaps_under_load_fail_nothing_and_bad_modules_are_nacked() {
     // Ten swaps: code changes between modules and config-only changes.
     for i in 0..10 {
         let (name, path) = &modules[i % modules.len()];
-        let body =
-            json!({"name": name, "module": path, "sha256": sha256(path), "params": {"round": i}});
+        // Parameters change on every push, so config-only swaps happen too.
+        let params = match name.as_str() {
+            "kv-aware" => json!({"load_weight": 1.0 + i as f64 / 10.0}),
+            "prefix-aware" => json!({"load_factor": 1.25 + i as f64 / 100.0}),
+            "round-robin" => json!({"max_fallbacks": 1 + i % 2}),
+            _ => json!({"round": i}),
+        };
+        let body = json!({"name": name, "module": path, "sha256": sha256(path), "params": params});
         let (status, report) = put_strategy(&cp, &cp.token, body).await;
         assert_eq!(status, 200, "swap {i} to {name}: {report}");
         assert_eq!(report["result"], "acked");
@@ -144,6 +150,17 @@ async fn strategy_swaps_under_load_fail_nothing_and_bad_modules_are_nacked() {
     })
     .await;
     assert!(cp.metrics().await.contains("outcome=\"nacked\""));
+
+    // Parameters the filter refuses (its on_configure returns false): NACKed too.
+    if let Some((name, path)) = modules.iter().find(|(n, _)| n == "kv-aware") {
+        let body = json!({"name": name, "module": path, "params": {"no_such_knob": 1}});
+        let (status, report) = put_strategy(&cp, &cp.token, body).await;
+        assert_eq!(status, 409, "{report}");
+        assert_eq!(
+            cp.get_json("/v1/pools").await[0]["strategy"]["sha256"],
+            serving
+        );
+    }
 
     // A pinned sha256 that does not match is refused before any push.
     let (name, path) = &modules[0];

@@ -411,3 +411,54 @@ pub async fn seen(
     }
     out
 }
+
+/// One HTTP client per Envoy worker (each keeps its one connection, which
+/// Envoy pins to a worker), found by asking the state probe which VM answered.
+pub async fn worker_clients(listener: u16, pool: &str, workers: usize) -> Vec<reqwest::Client> {
+    let mut by_vm: std::collections::BTreeMap<String, reqwest::Client> = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while by_vm.len() < workers {
+        assert!(
+            Instant::now() < deadline,
+            "could not reach {workers} Envoy workers"
+        );
+        let c = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .expect("client");
+        if let Ok(r) = c
+            .get(format!("http://127.0.0.1:{listener}/kvmesh/state/{pool}"))
+            .send()
+            .await
+            && let Some(vm) = r
+                .headers()
+                .get("x-kvmesh-vm")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        {
+            by_vm.entry(vm).or_insert(c);
+        }
+    }
+    by_vm.into_values().collect()
+}
+
+/// What one worker's state probe reports (`Null` on failure).
+pub async fn probe(c: &reqwest::Client, listener: u16, pool: &str) -> serde_json::Value {
+    match c
+        .get(format!("http://127.0.0.1:{listener}/kvmesh/state/{pool}"))
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// `field` of replica `id` in a probe view.
+pub fn replica_field(view: &serde_json::Value, id: &str, field: &str) -> Option<u64> {
+    view["replicas"]
+        .as_array()?
+        .iter()
+        .find(|r| r["id"] == id)?[field]
+        .as_u64()
+}
