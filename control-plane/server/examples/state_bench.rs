@@ -56,7 +56,7 @@ fn args() -> Args {
 /// pins to a worker), found by asking the probe which VM answered.
 async fn worker_clients(listener: u16, workers: usize) -> Vec<reqwest::Client> {
     let mut by_vm: BTreeMap<String, reqwest::Client> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(300);
     while by_vm.len() < workers {
         assert!(
             Instant::now() < deadline,

@@ -65,8 +65,9 @@ pub struct Replica {
     pub address: SocketAddr,
     pub register: Register,
     pub load: Load,
-    /// shard -> tier -> chunks.
-    shards: Vec<BTreeMap<i32, BTreeSet<u64>>>,
+    /// shard -> tier -> chunks, sorted (a sorted Vec is a third of a
+    /// BTreeSet's memory, and shards are small, so inserts stay cheap).
+    shards: Vec<BTreeMap<i32, Vec<u64>>>,
     dirty_shards: BTreeSet<u32>,
     encoded: Vec<Option<Arc<Resource>>>,
     /// Next residency seq expected; `None` until a snapshot arrived.
@@ -82,7 +83,7 @@ impl Replica {
         self.shards
             .iter()
             .flat_map(|s| s.values())
-            .map(BTreeSet::len)
+            .map(Vec::len)
             .sum()
     }
 
@@ -105,23 +106,44 @@ impl Replica {
         (chunk % self.shards.len() as u64) as usize
     }
 
+    /// Applies a change in bulk: chunks are grouped per (shard, tier), then
+    /// each touched list is filtered or merged once (sorted, deduplicated).
     fn apply(&mut self, added: &[TierChunks], removed: &[TierChunks]) {
+        let mut groups: BTreeMap<(usize, i32), Vec<u64>> = BTreeMap::new();
         for r in removed {
             for &c in &r.chunks {
-                let s = self.shard_of(c);
-                if let Some(set) = self.shards[s].get_mut(&r.tier)
-                    && set.remove(&c)
-                {
+                groups
+                    .entry((self.shard_of(c), r.tier))
+                    .or_default()
+                    .push(c);
+            }
+        }
+        for ((s, tier), mut gone) in std::mem::take(&mut groups) {
+            gone.sort_unstable();
+            if let Some(set) = self.shards[s].get_mut(&tier) {
+                let before = set.len();
+                set.retain(|c| gone.binary_search(c).is_err());
+                if set.len() != before {
                     self.dirty_shards.insert(s as u32);
                 }
             }
         }
         for a in added {
             for &c in &a.chunks {
-                let s = self.shard_of(c);
-                if self.shards[s].entry(a.tier).or_default().insert(c) {
-                    self.dirty_shards.insert(s as u32);
-                }
+                groups
+                    .entry((self.shard_of(c), a.tier))
+                    .or_default()
+                    .push(c);
+            }
+        }
+        for ((s, tier), new) in groups {
+            let set = self.shards[s].entry(tier).or_default();
+            let before = set.len();
+            set.extend(new);
+            set.sort_unstable();
+            set.dedup();
+            if set.len() != before {
+                self.dirty_shards.insert(s as u32);
             }
         }
         for s in &mut self.shards {
@@ -163,7 +185,7 @@ impl Replica {
                         .iter()
                         .map(|(t, set)| TierChunks {
                             tier: *t,
-                            chunks: set.iter().copied().collect(),
+                            chunks: set.clone(),
                         })
                         .collect(),
                 };

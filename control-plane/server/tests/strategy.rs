@@ -151,6 +151,34 @@ async fn strategy_swaps_under_load_fail_nothing_and_bad_modules_are_nacked() {
     .await;
     assert!(cp.metrics().await.contains("outcome=\"nacked\""));
 
+    // The CLI reports the NACK too, with a failing exit status.
+    let out = std::process::Command::new(control_plane_bin())
+        .args([
+            "set-strategy",
+            "--pool",
+            "pool-a",
+            "--name",
+            "broken",
+            "--module",
+        ])
+        .arg(&bad)
+        .args(["--admin", &cp.url("")])
+        .env("KVMESH_ADMIN_TOKEN", &cp.token)
+        .output()
+        .expect("run CLI");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "CLI must fail on a NACK: {stdout}");
+    assert!(
+        stdout.contains("\"nacked\""),
+        "CLI output names the NACK: {stdout}"
+    );
+    let out = std::process::Command::new(control_plane_bin())
+        .args(["pools", "--admin", &cp.url("")])
+        .output()
+        .expect("run CLI");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(serving.as_str().unwrap_or("?")));
+
     // Parameters the filter refuses (its on_configure returns false): NACKed too.
     if let Some((name, path)) = modules.iter().find(|(n, _)| n == "kv-aware") {
         let body = json!({"name": name, "module": path, "params": {"no_such_knob": 1}});
@@ -172,6 +200,27 @@ async fn strategy_swaps_under_load_fail_nothing_and_bad_modules_are_nacked() {
     .await;
     assert_eq!(status, 400);
 
+    // A module by http:// URL, pinned by sha256, is fetched and ACKed.
+    let (name, path) = &modules[modules.len() - 1];
+    let bytes = std::fs::read(path).expect("module");
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/module.wasm", server.local_addr().expect("addr"));
+    let app = axum::Router::new().route(
+        "/module.wasm",
+        axum::routing::get(move || async move { bytes }),
+    );
+    let serve = tokio::spawn(async move { axum::serve(server, app).await });
+    let (status, report) = put_strategy(
+        &cp,
+        &cp.token,
+        json!({"name": name, "module": url, "sha256": sha256(path)}),
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    serve.abort();
+
     // Rollback goes one step back and is ACKed.
     let resp = reqwest::Client::new()
         .post(cp.url("/v1/pools/pool-a/rollback"))
@@ -180,7 +229,8 @@ async fn strategy_swaps_under_load_fail_nothing_and_bad_modules_are_nacked() {
         .await
         .expect("rollback");
     assert_eq!(resp.status().as_u16(), 200);
-    assert_ne!(
+    // Back from the URL push to the strategy that served before it.
+    assert_eq!(
         cp.get_json("/v1/pools").await[0]["strategy"]["sha256"],
         serving
     );
