@@ -1,0 +1,276 @@
+//! The declarative configuration file (YAML), parsed once into a checked,
+//! read-only [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// How the control plane listens and times its work.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC: ADS for Envoy and the state pump, and ReplicaState for replicas.
+    #[serde(default = "default_grpc")]
+    pub grpc: SocketAddr,
+    /// HTTP admin API; loopback by default.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Bearer token required for changes (reads are open). If unset, the
+    /// `KVMESH_ADMIN_TOKEN` environment variable; if neither, changes are refused.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// A replica silent for this long leaves EDS.
+    #[serde(default = "default_silence_ms")]
+    pub replica_silence_ms: u64,
+    /// After start, replicas get this long to re-register before the first
+    /// EDS and state snapshots are served (so a restart never serves less).
+    #[serde(default = "default_warmup_ms")]
+    pub warmup_ms: u64,
+    /// Live state is published at most this often.
+    #[serde(default = "default_publish_ms")]
+    pub publish_interval_ms: u64,
+    /// Residency resources per replica (`chunk % shards`).
+    #[serde(default = "default_shards")]
+    pub residency_shards: u32,
+    /// Where verified wasm modules are kept, by sha256 (Envoy loads them from here).
+    #[serde(default = "default_store")]
+    pub module_store: PathBuf,
+    /// How long a strategy change waits for Envoy's ACK/NACK.
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    pub pools: Vec<PoolSpec>,
+}
+
+/// One model pool: an Envoy listener, route and cluster, with its routing strategy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    pub name: String,
+    pub model: String,
+    /// Where Envoy listens for this pool's clients.
+    pub listener: SocketAddr,
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: u32,
+    #[serde(default = "default_fallbacks")]
+    pub max_fallbacks: u32,
+    /// Request body limit (Envoy answers 413 above it).
+    #[serde(default = "default_body_limit")]
+    pub max_body_bytes: u32,
+    /// Upstream request timeout.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Routing filter; without one Envoy balances round-robin over EDS members.
+    #[serde(default)]
+    pub strategy: Option<StrategySpec>,
+    /// Diagnostic: path of the state-probe wasm filter, installed ahead of
+    /// the routing filter to answer `GET /kvmesh/state/<pool>` (tests, benchmarks).
+    #[serde(default)]
+    pub probe_module: Option<String>,
+}
+
+/// A routing strategy: a wasm module (path or http URL), optionally pinned
+/// by sha256, and its parameters.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StrategySpec {
+    /// "round-robin" | "prefix-aware" | "kv-aware" | a third party's name.
+    pub name: String,
+    /// Path (relative to the config file) or `http://` URL of the module.
+    pub module: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Strategy parameters (JSON object), passed to the filter as `strategy_config`.
+    #[serde(default)]
+    pub params: serde_json::Value,
+}
+
+fn default_grpc() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 18000))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 18001))
+}
+fn default_silence_ms() -> u64 {
+    3000
+}
+fn default_warmup_ms() -> u64 {
+    2000
+}
+fn default_publish_ms() -> u64 {
+    20
+}
+fn default_shards() -> u32 {
+    16
+}
+fn default_store() -> PathBuf {
+    std::env::temp_dir().join("kvmesh-modules")
+}
+fn default_ack_timeout_ms() -> u64 {
+    10_000
+}
+fn default_chunk_bytes() -> u32 {
+    256
+}
+fn default_fallbacks() -> u32 {
+    2
+}
+fn default_body_limit() -> u32 {
+    4 << 20
+}
+fn default_timeout_ms() -> u64 {
+    120_000
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config =
+            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for pool in &mut config.pools {
+            if let Some(s) = &mut pool.strategy
+                && !s.module.starts_with("http://")
+                && Path::new(&s.module).is_relative()
+            {
+                s.module = base.join(&s.module).to_string_lossy().into_owned();
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.pools.is_empty() {
+            return bad("no pools".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut models = std::collections::HashSet::new();
+        for p in &self.pools {
+            if p.name.is_empty() || p.name.contains('/') {
+                return bad(format!(
+                    "pool name {:?} must be non-empty and have no '/'",
+                    p.name
+                ));
+            }
+            if !names.insert(&p.name) {
+                return bad(format!("pool {} defined twice", p.name));
+            }
+            if !models.insert(&p.model) {
+                return bad(format!("model {} served by two pools", p.model));
+            }
+            if p.chunk_bytes == 0 {
+                return bad(format!("pool {}: chunk_bytes must be > 0", p.name));
+            }
+            if let Some(s) = &p.strategy {
+                s.check()
+                    .map_err(|m| ConfigError::Invalid(format!("pool {}: {m}", p.name)))?;
+            }
+        }
+        if self.residency_shards == 0 {
+            return bad("residency_shards must be > 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn silence(&self) -> Duration {
+        Duration::from_millis(self.replica_silence_ms)
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&PoolSpec> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    pub fn pool_for_model(&self, model: &str) -> Option<&PoolSpec> {
+        self.pools.iter().find(|p| p.model == model)
+    }
+}
+
+impl StrategySpec {
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("strategy name is empty".into());
+        }
+        if let Some(h) = &self.sha256
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(format!("sha256 {h:?} is not 64 hex digits"));
+        }
+        if !(self.params.is_null() || self.params.is_object()) {
+            return Err("params must be a JSON object".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_defaults_and_rejects_duplicates() {
+        let yaml = r#"
+pools:
+  - name: p
+    model: m
+    listener: 127.0.0.1:10000
+    strategy: { name: kv-aware, module: x.wasm, params: { alpha: 1 } }
+"#;
+        let c: Config = serde_yaml::from_str(yaml).expect("parse");
+        c.validate().expect("valid");
+        assert_eq!(c.pools[0].chunk_bytes, 256);
+        assert_eq!(c.grpc.ip().to_string(), "127.0.0.1");
+        assert!(c.admin.ip().is_loopback());
+
+        let dup = format!("{yaml}  - name: p\n    model: m2\n    listener: 127.0.0.1:10001\n");
+        let c: Config = serde_yaml::from_str(&dup).expect("parse");
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/local.yaml");
+        let c = Config::load(&path).expect("config/local.yaml loads");
+        assert_eq!(
+            c.pools[0].strategy.as_ref().map(|s| s.name.as_str()),
+            Some("kv-aware")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_sha_and_unknown_fields() {
+        let s = StrategySpec {
+            name: "x".into(),
+            module: "m".into(),
+            sha256: Some("abc".into()),
+            params: serde_json::Value::Null,
+        };
+        assert!(s.check().is_err());
+        let yaml = "pools: []\nbogus: 1\n";
+        assert!(serde_yaml::from_str::<Config>(yaml).is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! Builds the Envoy resources of each pool: its listener (HTTP connection
+//! manager: the ECDS routing filter, then the router), its route table, its
+//! cluster (EDS members, `override_host` load balancing with a round-robin
+//! fallback) and its endpoints; and the ECDS resource of its routing filter.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    Cluster, LoadBalancingPolicy, cluster, load_balancing_policy,
+};
+use envoy_types::pb::envoy::config::common::mutation_rules::v3::{
+    HeaderMutation as RuleMutation, header_mutation as rule_mutation,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, AsyncDataSource, ConfigSource, DataSource,
+    ExtensionConfigSource, SocketAddress, TypedExtensionConfig, address, async_data_source,
+    config_source, data_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
+    route_action, route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::{
+    HeaderMutation as HeaderMutationFilter, Mutations,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::override_host::v3::{
+    OverrideHost, override_host,
+};
+use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
+use envoy_types::pb::google::protobuf::{
+    Any, BoolValue, Duration as PbDuration, StringValue, UInt32Value,
+};
+use kvmesh_control_plane_xds::{Resource, type_url};
+use prost::{Message, Name};
+
+use crate::config::PoolSpec;
+
+/// The header the routing filter writes (Gateway API Inference Extension).
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// `vm_id` shared by the routing filters and the state pump (one shared-data map).
+pub const VM_ID: &str = "kvmesh";
+
+fn any<M: Message + Name>(msg: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: msg.encode_to_vec(),
+    }
+}
+
+fn duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: 2, // V3
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn socket(addr: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                addr.port(),
+            ))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Envoy's per-connection buffer: above the filter's body limit, so a body
+/// the filter may parse is never cut off (larger ones get 413).
+fn buffer_limit(pool: &PoolSpec) -> u32 {
+    pool.max_body_bytes.saturating_mul(2)
+}
+
+/// Resource names for a pool.
+pub fn listener_name(pool: &str) -> String {
+    format!("kvmesh/{pool}")
+}
+pub fn route_name(pool: &str) -> String {
+    format!("kvmesh/{pool}")
+}
+pub fn cluster_name(pool: &str) -> String {
+    format!("kvmesh/{pool}")
+}
+/// ECDS name of a pool's routing filter.
+pub fn filter_name(pool: &str) -> String {
+    format!("kvmesh.routing/{pool}")
+}
+
+pub fn listener(pool: &PoolSpec, with_filter: bool) -> Resource {
+    let mut http_filters = Vec::new();
+    if let Some(probe) = &pool.probe_module {
+        let plugin = wasm_plugin("kvmesh.state_probe", probe, "{}");
+        http_filters.push(HttpFilter {
+            name: "kvmesh.state_probe".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(&Wasm {
+                config: Some(plugin),
+            }))),
+            ..Default::default()
+        });
+    }
+    // Clients never pick the destination: drop their header before the
+    // routing filter (or its absence) decides.
+    let strip = HeaderMutationFilter {
+        mutations: Some(Mutations {
+            request_mutations: vec![RuleMutation {
+                action: Some(rule_mutation::Action::Remove(DESTINATION_HEADER.into())),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.header_mutation".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(&strip))),
+        ..Default::default()
+    });
+    if with_filter {
+        http_filters.push(HttpFilter {
+            name: filter_name(&pool.name),
+            config_type: Some(http_filter::ConfigType::ConfigDiscovery(
+                ExtensionConfigSource {
+                    config_source: Some(ads()),
+                    type_urls: vec![Wasm::type_url()],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        });
+    }
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(
+            any(&Router::default()),
+        )),
+        ..Default::default()
+    });
+    let hcm = HttpConnectionManager {
+        stat_prefix: format!("kvmesh_{}", pool.name),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_name(&pool.name),
+        })),
+        http_filters,
+        ..Default::default()
+    };
+    let l = Listener {
+        name: listener_name(&pool.name),
+        address: Some(socket(pool.listener)),
+        per_connection_buffer_limit_bytes: Some(UInt32Value {
+            value: buffer_limit(pool),
+        }),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::from_message(l.name.clone(), type_url::LISTENER, &l)
+}
+
+pub fn route(pool: &PoolSpec) -> Resource {
+    let r = RouteConfiguration {
+        name: route_name(&pool.name),
+        virtual_hosts: vec![VirtualHost {
+            name: pool.name.clone(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster_name(
+                        &pool.name,
+                    ))),
+                    timeout: Some(duration(Duration::from_millis(pool.timeout_ms))),
+                    // A retry walks to the next host the filter listed.
+                    retry_policy: Some(RetryPolicy {
+                        retry_on: "connect-failure,refused-stream,reset,retriable-status-codes"
+                            .into(),
+                        retriable_status_codes: vec![503],
+                        num_retries: Some(UInt32Value { value: 2 }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::from_message(r.name.clone(), type_url::ROUTE, &r)
+}
+
+pub fn cluster(pool: &PoolSpec) -> Resource {
+    let override_host = OverrideHost {
+        override_host_sources: vec![override_host::OverrideHostSource {
+            header: DESTINATION_HEADER.into(),
+            ..Default::default()
+        }],
+        fallback_policy: Some(LoadBalancingPolicy {
+            policies: vec![load_balancing_policy::Policy {
+                typed_extension_config: Some(TypedExtensionConfig {
+                    name: "envoy.load_balancing_policies.least_request".into(),
+                    typed_config: Some(any(&LeastRequest::default())),
+                }),
+            }],
+        }),
+        ..Default::default()
+    };
+    let c = Cluster {
+        name: cluster_name(&pool.name),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(duration(Duration::from_secs(1))),
+        per_connection_buffer_limit_bytes: Some(UInt32Value {
+            value: buffer_limit(pool),
+        }),
+        load_balancing_policy: Some(LoadBalancingPolicy {
+            policies: vec![load_balancing_policy::Policy {
+                typed_extension_config: Some(TypedExtensionConfig {
+                    name: "envoy.load_balancing_policies.override_host".into(),
+                    typed_config: Some(any(&override_host)),
+                }),
+            }],
+        }),
+        ..Default::default()
+    };
+    Resource::from_message(c.name.clone(), type_url::CLUSTER, &c)
+}
+
+/// A pool's EDS members: `host:port` addresses of its live replicas.
+pub fn endpoints(pool: &str, members: &[SocketAddr]) -> Resource {
+    let cla = ClusterLoadAssignment {
+        cluster_name: cluster_name(pool),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: members
+                .iter()
+                .map(|a| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(*a)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::from_message(cla.cluster_name.clone(), type_url::ENDPOINT, &cla)
+}
+
+/// The ECDS resource of a pool's routing filter: the wasm module (a local,
+/// content-addressed file) and the filter's JSON configuration.
+pub fn routing_filter(pool: &str, module_path: &str, configuration_json: &str) -> Resource {
+    let plugin = wasm_plugin(&filter_name(pool), module_path, configuration_json);
+    let wasm = Wasm {
+        config: Some(plugin),
+    };
+    let tec = TypedExtensionConfig {
+        name: filter_name(pool),
+        typed_config: Some(any(&wasm)),
+    };
+    Resource::from_message(tec.name.clone(), type_url::EXTENSION_CONFIG, &tec)
+}
+
+fn wasm_plugin(name: &str, module_path: &str, configuration_json: &str) -> PluginConfig {
+    PluginConfig {
+        name: name.to_owned(),
+        root_id: "kvmesh".into(),
+        configuration: Some(any(&StringValue {
+            value: configuration_json.to_owned(),
+        })),
+        failure_policy: envoy_types::pb::envoy::extensions::wasm::v3::FailurePolicy::FailReload
+            as i32,
+        allow_on_headers_stop_iteration: Some(BoolValue { value: true }),
+        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+            vm_id: VM_ID.into(),
+            runtime: "envoy.wasm.runtime.v8".into(),
+            code: Some(AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Local(DataSource {
+                    specifier: Some(data_source::Specifier::Filename(module_path.to_owned())),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
