@@ -111,5 +111,33 @@ fn select(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, select);
+/// Rebuilding a filter's view from a snapshot message (what a worker does
+/// when it falls behind the delta ring): 64 replicas x 10,000 chunks.
+fn reload(c: &mut Criterion) {
+    let mut s = Snapshot::new("smollm2", 256);
+    for i in 0..64u64 {
+        let id = format!("r{i}");
+        s.upsert(&proto::ReplicaInfo {
+            id: id.clone(),
+            address: format!("10.0.0.{i}:8000"),
+            load: None,
+        });
+        let chunks: Vec<u64> = (0..10_000u64).map(|k| (i << 32) | k).collect();
+        s.add_resident(&id, Tier::Device as i32, &chunks);
+    }
+    let msg = s.to_proto();
+    let bytes = prost::Message::encode_to_vec(&msg);
+    let mut g = c.benchmark_group("reload");
+    g.sample_size(10);
+    g.bench_function("decode_and_index_64x10k", |b| {
+        b.iter(|| {
+            let m: proto::PoolSnapshot =
+                prost::Message::decode(black_box(bytes.as_slice())).expect("decode");
+            Snapshot::from_proto(&m)
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, hashing, select, reload);
 criterion_main!(benches);

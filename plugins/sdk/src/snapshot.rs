@@ -68,6 +68,58 @@ pub struct Holder {
     pub tiers: u8,
 }
 
+/// The holders of one chunk. Nearly every chunk has one, kept inline so a
+/// pool of millions of chunks is not millions of allocations.
+#[derive(Debug, Clone)]
+enum Holders {
+    One(Holder),
+    Many(Vec<Holder>),
+}
+
+impl Holders {
+    fn as_slice(&self) -> &[Holder] {
+        match self {
+            Holders::One(h) => std::slice::from_ref(h),
+            Holders::Many(v) => v,
+        }
+    }
+
+    /// Adds tier bits for `slot`.
+    fn add(&mut self, slot: u32, bit: u8) {
+        match self {
+            Holders::One(h) if h.slot == slot => h.tiers |= bit,
+            Holders::One(h) => *self = Holders::Many(vec![*h, Holder { slot, tiers: bit }]),
+            Holders::Many(v) => match v.iter_mut().find(|h| h.slot == slot) {
+                Some(h) => h.tiers |= bit,
+                None => v.push(Holder { slot, tiers: bit }),
+            },
+        }
+    }
+
+    /// Clears tier bits of `slot` (all of them for `!0`); true when empty.
+    fn clear(&mut self, slot: u32, bits: u8) -> bool {
+        match self {
+            Holders::One(h) => {
+                if h.slot == slot {
+                    h.tiers &= !bits;
+                }
+                h.tiers == 0
+            }
+            Holders::Many(v) => {
+                for h in v.iter_mut().filter(|h| h.slot == slot) {
+                    h.tiers &= !bits;
+                }
+                v.retain(|h| h.tiers != 0);
+                if let [only] = v.as_slice() {
+                    *self = Holders::One(*only);
+                    return false;
+                }
+                v.is_empty()
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Slot {
     generation: u32,
@@ -102,7 +154,7 @@ pub struct Snapshot {
     chunk_bytes: u32,
     slots: Vec<Slot>,
     by_id: HashMap<String, u32>,
-    index: ChunkMap<Vec<Holder>>,
+    index: ChunkMap<Holders>,
 }
 
 impl Snapshot {
@@ -134,7 +186,7 @@ impl Snapshot {
         let mut residency: Vec<(u32, [Vec<u64>; 3])> = Vec::new();
         let mut per_slot: HashMap<u32, usize> = HashMap::new();
         for (chunk, holders) in &self.index {
-            for h in holders {
+            for h in holders.as_slice() {
                 let at = *per_slot.entry(h.slot).or_insert_with(|| {
                     residency.push((h.slot, Default::default()));
                     residency.len() - 1
@@ -261,7 +313,7 @@ impl Snapshot {
 
     /// Replicas holding `chunk`.
     pub fn holders(&self, chunk: u64) -> &[Holder] {
-        self.index.get(&chunk).map_or(&[], Vec::as_slice)
+        self.index.get(&chunk).map_or(&[], Holders::as_slice)
     }
 
     /// Number of distinct chunks held by any replica.
@@ -311,10 +363,7 @@ impl Snapshot {
             return;
         };
         self.slots[slot as usize].replica = None;
-        self.index.retain(|_, holders| {
-            holders.retain(|h| h.slot != slot);
-            !holders.is_empty()
-        });
+        self.index.retain(|_, holders| !holders.clear(slot, !0));
     }
 
     /// Marks `chunks` resident on replica `id` in `tier`; unknown replicas and
@@ -323,12 +372,12 @@ impl Snapshot {
         let (Some(&slot), Some(bit)) = (self.by_id.get(id), tier_bit(tier)) else {
             return;
         };
+        self.index.reserve(chunks.len());
         for &c in chunks {
-            let holders = self.index.entry(c).or_default();
-            match holders.iter_mut().find(|h| h.slot == slot) {
-                Some(h) => h.tiers |= bit,
-                None => holders.push(Holder { slot, tiers: bit }),
-            }
+            self.index
+                .entry(c)
+                .and_modify(|h| h.add(slot, bit))
+                .or_insert(Holders::One(Holder { slot, tiers: bit }));
         }
     }
 
@@ -338,14 +387,7 @@ impl Snapshot {
             return;
         };
         for c in chunks {
-            let Some(holders) = self.index.get_mut(c) else {
-                continue;
-            };
-            if let Some(h) = holders.iter_mut().find(|h| h.slot == slot) {
-                h.tiers &= !bit;
-            }
-            holders.retain(|h| h.tiers != 0);
-            if holders.is_empty() {
+            if self.index.get_mut(c).is_some_and(|h| h.clear(slot, bit)) {
                 self.index.remove(c);
             }
         }
