@@ -27,7 +27,7 @@ pub use proxy_wasm;
 /// Registers a strategy as this module's root context. `make` builds the
 /// policy from the `strategy` parameters of the plugin configuration.
 ///
-/// ```ignore
+/// ```text
 /// kvmesh_plugins_filter::export_strategy!(|params| {
 ///     PrefixAware::new(parse_params("prefix-aware", params)?)
 /// });

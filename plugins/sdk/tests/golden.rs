@@ -3,7 +3,7 @@
 //! there changes every deployed replica's chunk identities).
 
 use kvmesh_plugins_sdk::golden::{GoldenExpected, GoldenRequest, compute};
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_64;
 
 #[test]
 fn golden_vectors_hold() {
@@ -41,8 +41,15 @@ fn chain_follows_the_written_definition() {
     let mut seed_input = b"kvmesh.v1\0".to_vec();
     seed_input.extend_from_slice(b"smollm2");
     let seed = xxh3_64(&seed_input);
-    let h0 = xxh3_64_with_seed(&text[..16], seed);
-    let h1 = xxh3_64_with_seed(&text[16..32], seed ^ h0);
+    let link = |prev: u64, chunk: &[u8]| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&seed.to_le_bytes());
+        b.extend_from_slice(&prev.to_le_bytes());
+        b.extend_from_slice(&xxh3_64(chunk).to_le_bytes());
+        xxh3_64(&b)
+    };
+    let h0 = link(0, &text[..16]);
+    let h1 = link(h0, &text[16..32]);
     assert_eq!(
         kvmesh_plugins_sdk::chunk::chunk_hashes("smollm2", text, 16),
         vec![h0, h1]

@@ -1,0 +1,41 @@
+//! Test support for kvmesh: starts real Envoy processes on ephemeral loopback
+//! ports, serves in-process upstreams that record what reached them, and reads
+//! Envoy's stats. Readiness is polled with deadlines; nothing sleeps and hopes.
+
+mod envoy;
+mod gateway;
+mod upstream;
+
+pub use envoy::{Envoy, envoy_bin, plugin_path, workspace_root};
+pub use gateway::StaticGateway;
+pub use upstream::{Behaviour, Seen, Upstream};
+
+use std::time::{Duration, Instant};
+
+/// Polls `cond` every 20 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An HTTP client that opens a new connection per request (so successive
+/// requests land on any Envoy worker, as separate clients' would).
+pub fn fresh_connection_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap_or_else(|e| panic!("http client: {e}"))
+}
