@@ -69,8 +69,6 @@ pub struct PoolSpec {
     pub listener: SocketAddr,
     #[serde(default = "default_chunk_bytes")]
     pub chunk_bytes: u32,
-    #[serde(default = "default_fallbacks")]
-    pub max_fallbacks: u32,
     /// Request body limit (Envoy answers 413 above it).
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: u32,
@@ -128,9 +126,6 @@ fn default_ack_timeout_ms() -> u64 {
 }
 fn default_chunk_bytes() -> u32 {
     256
-}
-fn default_fallbacks() -> u32 {
-    2
 }
 fn default_body_limit() -> u32 {
     4 << 20

@@ -112,8 +112,22 @@ impl DeltaType {
         current: &TypeResources,
         nonce: String,
     ) -> Option<DeltaDiscoveryResponse> {
+        self.respond_bounded(current, nonce, usize::MAX)
+    }
+
+    /// Like [`respond`](Self::respond), but stops adding resources once the
+    /// response holds about `max_bytes` (always at least one resource); the
+    /// rest stays due, so calling again until `None` sends everything in
+    /// responses of bounded size.
+    pub fn respond_bounded(
+        &mut self,
+        current: &TypeResources,
+        nonce: String,
+        max_bytes: usize,
+    ) -> Option<DeltaDiscoveryResponse> {
         let mut resources = Vec::new();
         let mut sent = Vec::new();
+        let mut bytes = 0usize;
         let candidates: Box<dyn Iterator<Item = _>> = if self.wildcard {
             Box::new(current.resources.values())
         } else {
@@ -121,6 +135,15 @@ impl DeltaType {
         };
         for r in candidates {
             if self.known.get(&r.name) != Some(&r.version) {
+                let size = r.body.value.len()
+                    + r.body.type_url.len()
+                    + r.name.len()
+                    + r.version.len()
+                    + 16;
+                if !resources.is_empty() && bytes.saturating_add(size) > max_bytes {
+                    break;
+                }
+                bytes += size;
                 self.known.insert(r.name.clone(), r.version.clone());
                 sent.push((r.name.clone(), r.version.clone()));
                 resources.push(WireResource {
@@ -329,6 +352,30 @@ mod tests {
     }
 
     proptest! {
+        /// Bounded responses: each stays within the limit (or holds one
+        /// resource), and draining them leaves the client with the snapshot.
+        #[test]
+        fn bounded_responses_drain_to_the_snapshot(
+            sizes in proptest::collection::btree_map("[a-z]{1,6}", 1usize..200, 1..40),
+            max in 50usize..400,
+        ) {
+            let mut d = DeltaType::new(T);
+            d.on_request(&wildcard());
+            let current = TypeResources::new(sizes.iter().map(|(n, len)| res(n, &"x".repeat(*len))));
+            let mut client = Client::default();
+            let mut n = 0;
+            while let Some(r) = d.respond_bounded(&current, n.to_string(), max) {
+                let size: usize = r.resources.iter()
+                    .map(|x| x.resource.as_ref().map_or(0, |a| a.value.len() + a.type_url.len()) + x.name.len() + x.version.len() + 16)
+                    .sum();
+                prop_assert!(size <= max || r.resources.len() == 1, "response of {} bytes over {}", size, max);
+                client.apply(&r);
+                n += 1;
+                prop_assert!(n <= sizes.len() + 1);
+            }
+            prop_assert_eq!(&client.0, &expected(&current));
+        }
+
         /// Whatever sequence of snapshots is served, a client applying every
         /// response ends up holding exactly the last snapshot.
         #[test]

@@ -44,7 +44,13 @@ pub struct XdsServer {
     cache: Arc<SnapshotCache>,
     status: Arc<StatusTracker>,
     observer: Arc<dyn Observer>,
+    /// Delta responses are split to stay about this size (the state pump
+    /// refuses messages over its own limit).
+    max_delta_bytes: usize,
 }
+
+/// Default bound of one delta response.
+pub const DEFAULT_MAX_DELTA_BYTES: usize = 4 << 20;
 
 impl XdsServer {
     pub fn new(cache: Arc<SnapshotCache>, status: Arc<StatusTracker>) -> Self {
@@ -52,11 +58,19 @@ impl XdsServer {
             cache,
             status,
             observer: Arc::new(NoObserver),
+            max_delta_bytes: DEFAULT_MAX_DELTA_BYTES,
         }
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = observer;
+        self
+    }
+
+    /// Bounds the size of one delta response (resources are spread over
+    /// several responses; a single larger resource still goes alone).
+    pub fn with_max_delta_bytes(mut self, max: usize) -> Self {
+        self.max_delta_bytes = max.max(1);
         self
     }
 
@@ -232,13 +246,22 @@ impl DeltaStream {
         let Some(resources) = current.get(type_url) else {
             return true;
         };
-        let Some(t) = self.types.get_mut(type_url) else {
-            return true;
-        };
-        self.nonce += 1;
-        let Some(resp) = t.respond(resources, self.nonce.to_string()) else {
-            return true;
-        };
+        let max = self.server.max_delta_bytes;
+        loop {
+            let Some(t) = self.types.get_mut(type_url) else {
+                return true;
+            };
+            self.nonce += 1;
+            let Some(resp) = t.respond_bounded(resources, self.nonce.to_string(), max) else {
+                return true;
+            };
+            if !self.send(type_url, resp).await {
+                return false;
+            }
+        }
+    }
+
+    async fn send(&mut self, type_url: &str, resp: DeltaDiscoveryResponse) -> bool {
         let sent: Vec<(String, String)> = resp
             .resources
             .iter()

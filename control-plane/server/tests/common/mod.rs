@@ -23,6 +23,13 @@ pub fn repo_root() -> PathBuf {
         .expect("repo root")
 }
 
+/// Prints a SKIP line that the test harness does not capture (it only
+/// captures the print macros), so a skipped test is visible in any run.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+}
+
 /// The Envoy binary, or `None` (with a visible SKIP line) when absent.
 pub fn envoy_bin(test: &str) -> Option<PathBuf> {
     let from_env = std::env::var_os("KVMESH_ENVOY").map(PathBuf::from);
@@ -39,7 +46,10 @@ pub fn envoy_bin(test: &str) -> Option<PathBuf> {
     match found {
         Some(p) if p.exists() => Some(p),
         _ => {
-            eprintln!("SKIP {test}: no Envoy binary (set KVMESH_ENVOY or run scripts/setup.sh)");
+            skip(
+                test,
+                "no Envoy binary (set KVMESH_ENVOY or run scripts/setup.sh)",
+            );
             None
         }
     }
