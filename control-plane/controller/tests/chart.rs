@@ -309,6 +309,10 @@ fn dashboard_has_the_panels_operators_need() {
 fn rendered_chart_objects_pass_kubernetes_schemas() {
     let repo = chart().join("../../..");
     if !repo.join(".venv").exists() {
+        assert!(
+            std::env::var_os("KVMESH_NO_SKIP").is_none(),
+            "a prerequisite is missing under scripts/test.sh (KVMESH_NO_SKIP)"
+        );
         eprintln!(
             "SKIP rendered_chart_objects_pass_kubernetes_schemas: no .venv (run scripts/setup.sh)"
         );
@@ -354,6 +358,10 @@ fn rendered_chart_objects_pass_kubernetes_schemas() {
 #[test]
 fn gateway_bootstrap_passes_envoy_validation() {
     let Some(envoy) = std::env::var_os("KVMESH_ENVOY") else {
+        assert!(
+            std::env::var_os("KVMESH_NO_SKIP").is_none(),
+            "a prerequisite is missing under scripts/test.sh (KVMESH_NO_SKIP)"
+        );
         eprintln!(
             "SKIP gateway_bootstrap_passes_envoy_validation: KVMESH_ENVOY unset (scripts/test.sh sets it)"
         );

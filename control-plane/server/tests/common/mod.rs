@@ -25,8 +25,14 @@ pub fn repo_root() -> PathBuf {
 
 /// Prints a SKIP line that the test harness does not capture (it only
 /// captures the print macros), so a skipped test is visible in any run.
+/// Under `scripts/test.sh` (`KVMESH_NO_SKIP=1`) a missing prerequisite is a
+/// failure, not a skip.
 pub fn skip(test: &str, why: &str) {
     use std::io::Write;
+    assert!(
+        std::env::var_os("KVMESH_NO_SKIP").is_none(),
+        "{test}: {why} (KVMESH_NO_SKIP is set: scripts/test.sh installs everything)"
+    );
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
@@ -63,9 +69,9 @@ pub fn plugin(test: &str, name: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!(
-            "SKIP {test}: {} missing (run scripts/build-plugins.sh)",
-            p.display()
+        skip(
+            test,
+            &format!("{} missing (run scripts/build-plugins.sh)", p.display()),
         );
         None
     }
