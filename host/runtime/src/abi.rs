@@ -193,6 +193,7 @@ fn put_bytes(caller: &mut C<'_>, data: &[u8], ptr_ptr: u32, size_ptr: u32) -> Re
         let alloc = caller
             .data()
             .alloc
+            .clone()
             .ok_or_else(|| format_err!("module exports no proxy_on_memory_allocate or malloc"))?;
         let p = alloc.call(&mut *caller, data.len() as u32)?;
         if p == 0 {
@@ -258,7 +259,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Ctx>) -> Result<()> {
 }
 
 fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
-    l.func_wrap("env", "proxy_log", |mut c: C<'_>, level: u32, p: u32, n: u32| {
+    l.func_wrap("env", "proxy_log", |mut c: C<'_>, level: u32, p: u32, n: u32| -> Result<u32> {
         let msg = tri!(read(&c, p, n)?);
         let ctx = c.data_mut();
         ctx.logs.push(LogEntry {
@@ -268,7 +269,7 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
         });
         Ok(0u32)
     })?;
-    l.func_wrap("env", "proxy_get_log_level", |mut c: C<'_>, ret: u32| {
+    l.func_wrap("env", "proxy_get_log_level", |mut c: C<'_>, ret: u32| -> Result<u32> {
         let level = c.data().log_level;
         tri!(write_u32(&mut c, ret, level)?);
         Ok(0u32)
@@ -276,7 +277,7 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_get_current_time_nanoseconds",
-        |mut c: C<'_>, ret: u32| {
+        |mut c: C<'_>, ret: u32| -> Result<u32> {
             let now = c.data().now_ns;
             tri!(write(&mut c, ret, &now.to_le_bytes())?);
             Ok(0u32)
@@ -285,14 +286,14 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_set_tick_period_milliseconds",
-        |mut c: C<'_>, period: u32| {
+        |mut c: C<'_>, period: u32| -> Result<u32> {
             let ctx = c.data_mut();
             ctx.tick_period_ms = period;
             ctx.next_tick_ns = (period > 0).then(|| ctx.now_ns + u64::from(period) * 1_000_000);
             Ok(0u32)
         },
     )?;
-    l.func_wrap("env", "proxy_set_effective_context", |mut c: C<'_>, id: u32| {
+    l.func_wrap("env", "proxy_set_effective_context", |mut c: C<'_>, id: u32| -> Result<u32> {
         let ctx = c.data_mut();
         if id == ctx.root_id || ctx.streams.contains_key(&id) {
             ctx.effective = id;
@@ -301,11 +302,11 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
             Ok(Status::BadArgument as u32)
         }
     })?;
-    l.func_wrap("env", "proxy_done", |mut c: C<'_>| {
+    l.func_wrap("env", "proxy_done", |mut c: C<'_>| -> Result<u32> {
         c.data_mut().done = true;
         Ok(0u32)
     })?;
-    l.func_wrap("env", "proxy_continue_stream", |mut c: C<'_>, ty: u32| {
+    l.func_wrap("env", "proxy_continue_stream", |mut c: C<'_>, ty: u32| -> Result<u32> {
         let s = tri!(c.data_mut().stream());
         match ty {
             0 => s.continue_request = true,
@@ -314,11 +315,10 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
         }
         Ok(0u32)
     })?;
-    l.func_wrap("env", "proxy_close_stream", |mut c: C<'_>, _ty: u32| {
+    l.func_wrap("env", "proxy_close_stream", |mut c: C<'_>, _ty: u32| -> Result<u32> {
         tri!(c.data_mut().stream()).closed = true;
         Ok(0u32)
     })?;
-    #[allow(clippy::too_many_arguments)]
     l.func_wrap(
         "env",
         "proxy_send_local_response",
@@ -330,7 +330,7 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
          bn: u32,
          hp: u32,
          hn: u32,
-         grpc_status: i32| {
+         grpc_status: i32| -> Result<u32> {
             let details = String::from_utf8_lossy(&tri!(read(&c, dp, dn)?)).into_owned();
             let body = tri!(read(&c, bp, bn)?);
             let headers = tri!(headers_arg(&c, hp, hn)?);
@@ -347,7 +347,7 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_call_foreign_function",
-        |mut c: C<'_>, np: u32, nn: u32, _ap: u32, _an: u32, _rp: u32, _rn: u32| {
+        |mut c: C<'_>, np: u32, nn: u32, _ap: u32, _an: u32, _rp: u32, _rn: u32| -> Result<u32> {
             let name = String::from_utf8_lossy(&tri!(read(&c, np, nn)?)).into_owned();
             let ctx = c.data_mut();
             ctx.logs.push(LogEntry {
@@ -362,7 +362,7 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_get_property",
-        |mut c: C<'_>, pp: u32, pn: u32, rp: u32, rn: u32| {
+        |mut c: C<'_>, pp: u32, pn: u32, rp: u32, rn: u32| -> Result<u32> {
             let path = property_path(&tri!(read(&c, pp, pn)?));
             let Some(value) = c.data().property(&path) else {
                 return Ok(Status::NotFound as u32);
@@ -373,7 +373,7 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_set_property",
-        |mut c: C<'_>, pp: u32, pn: u32, vp: u32, vn: u32| {
+        |mut c: C<'_>, pp: u32, pn: u32, vp: u32, vn: u32| -> Result<u32> {
             let path = property_path(&tri!(read(&c, pp, pn)?));
             let value = tri!(read(&c, vp, vn)?);
             let ctx = c.data_mut();
@@ -387,7 +387,7 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_define_metric",
-        |mut c: C<'_>, ty: u32, np: u32, nn: u32, ret: u32| {
+        |mut c: C<'_>, ty: u32, np: u32, nn: u32, ret: u32| -> Result<u32> {
             let kind = match ty {
                 0 => MetricKind::Counter,
                 1 => MetricKind::Gauge,
@@ -400,16 +400,16 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
             Ok(0u32)
         },
     )?;
-    l.func_wrap("env", "proxy_get_metric", |mut c: C<'_>, id: u32, ret: u32| {
+    l.func_wrap("env", "proxy_get_metric", |mut c: C<'_>, id: u32, ret: u32| -> Result<u32> {
         let v = tri!(c.data().vm.get_metric(id));
         tri!(write(&mut c, ret, &v.to_le_bytes())?);
         Ok(0u32)
     })?;
-    l.func_wrap("env", "proxy_record_metric", |c: C<'_>, id: u32, v: u64| {
+    l.func_wrap("env", "proxy_record_metric", |c: C<'_>, id: u32, v: u64| -> Result<u32> {
         tri!(c.data().vm.record_metric(id, v));
         Ok(0u32)
     })?;
-    l.func_wrap("env", "proxy_increment_metric", |c: C<'_>, id: u32, d: i64| {
+    l.func_wrap("env", "proxy_increment_metric", |c: C<'_>, id: u32, d: i64| -> Result<u32> {
         tri!(c.data().vm.increment_metric(id, d));
         Ok(0u32)
     })?;
@@ -420,7 +420,7 @@ fn maps_and_buffers(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_get_header_map_pairs",
-        |mut c: C<'_>, ty: u32, rp: u32, rn: u32| {
+        |mut c: C<'_>, ty: u32, rp: u32, rn: u32| -> Result<u32> {
             let bytes = tri!(c.data_mut().map(ty)).serialize();
             put_bytes(&mut c, &bytes, rp, rn)
         },
@@ -428,7 +428,7 @@ fn maps_and_buffers(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_set_header_map_pairs",
-        |mut c: C<'_>, ty: u32, p: u32, n: u32| {
+        |mut c: C<'_>, ty: u32, p: u32, n: u32| -> Result<u32> {
             let h = tri!(headers_arg(&c, p, n)?);
             *tri!(c.data_mut().map(ty)) = h;
             Ok(0u32)
@@ -437,7 +437,7 @@ fn maps_and_buffers(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_get_header_map_value",
-        |mut c: C<'_>, ty: u32, kp: u32, kn: u32, rp: u32, rn: u32| {
+        |mut c: C<'_>, ty: u32, kp: u32, kn: u32, rp: u32, rn: u32| -> Result<u32> {
             let key = tri!(read_str(&c, kp, kn)?);
             let Some(v) = tri!(c.data_mut().map(ty)).get_bytes(&key).map(<[u8]>::to_vec) else {
                 return Ok(Status::NotFound as u32);
@@ -448,7 +448,7 @@ fn maps_and_buffers(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_replace_header_map_value",
-        |mut c: C<'_>, ty: u32, kp: u32, kn: u32, vp: u32, vn: u32| {
+        |mut c: C<'_>, ty: u32, kp: u32, kn: u32, vp: u32, vn: u32| -> Result<u32> {
             let key = tri!(read_str(&c, kp, kn)?);
             let v = tri!(read(&c, vp, vn)?);
             tri!(c.data_mut().map(ty)).replace(&key, &v);
@@ -458,7 +458,7 @@ fn maps_and_buffers(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_add_header_map_value",
-        |mut c: C<'_>, ty: u32, kp: u32, kn: u32, vp: u32, vn: u32| {
+        |mut c: C<'_>, ty: u32, kp: u32, kn: u32, vp: u32, vn: u32| -> Result<u32> {
             let key = tri!(read_str(&c, kp, kn)?);
             let v = tri!(read(&c, vp, vn)?);
             tri!(c.data_mut().map(ty)).add(&key, &v);
@@ -468,7 +468,7 @@ fn maps_and_buffers(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_remove_header_map_value",
-        |mut c: C<'_>, ty: u32, kp: u32, kn: u32| {
+        |mut c: C<'_>, ty: u32, kp: u32, kn: u32| -> Result<u32> {
             let key = tri!(read_str(&c, kp, kn)?);
             tri!(c.data_mut().map(ty)).remove(&key);
             Ok(0u32)
@@ -477,7 +477,7 @@ fn maps_and_buffers(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_get_buffer_bytes",
-        |mut c: C<'_>, ty: u32, start: u32, max: u32, rp: u32, rn: u32| {
+        |mut c: C<'_>, ty: u32, start: u32, max: u32, rp: u32, rn: u32| -> Result<u32> {
             let cut = |buf: &[u8]| {
                 let from = (start as usize).min(buf.len());
                 let to = from.saturating_add(max as usize).min(buf.len());
@@ -498,7 +498,7 @@ fn maps_and_buffers(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_set_buffer_bytes",
-        |mut c: C<'_>, ty: u32, start: u32, size: u32, p: u32, n: u32| {
+        |mut c: C<'_>, ty: u32, start: u32, size: u32, p: u32, n: u32| -> Result<u32> {
             let data = tri!(read(&c, p, n)?);
             let s = tri!(c.data_mut().stream());
             let buf = match ty {
@@ -517,7 +517,7 @@ fn shared(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_get_shared_data",
-        |mut c: C<'_>, kp: u32, kn: u32, rp: u32, rn: u32, rcas: u32| {
+        |mut c: C<'_>, kp: u32, kn: u32, rp: u32, rn: u32, rcas: u32| -> Result<u32> {
             let key = tri!(read_str(&c, kp, kn)?);
             let Some((value, cas)) = c.data().vm.get(&key) else {
                 return Ok(Status::NotFound as u32);
@@ -533,7 +533,7 @@ fn shared(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_set_shared_data",
-        |c: C<'_>, kp: u32, kn: u32, vp: u32, vn: u32, cas: u32| {
+        |c: C<'_>, kp: u32, kn: u32, vp: u32, vn: u32, cas: u32| -> Result<u32> {
             let key = tri!(read_str(&c, kp, kn)?);
             let value = tri!(read(&c, vp, vn)?);
             tri!(c.data().vm.set(&key, &value, cas));
@@ -543,7 +543,7 @@ fn shared(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_register_shared_queue",
-        |mut c: C<'_>, np: u32, nn: u32, ret: u32| {
+        |mut c: C<'_>, np: u32, nn: u32, ret: u32| -> Result<u32> {
             let name = tri!(read_str(&c, np, nn)?);
             let ctx = c.data();
             let id = ctx.vm.register_queue(&name, (ctx.instance_id, ctx.effective));
@@ -554,7 +554,7 @@ fn shared(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_resolve_shared_queue",
-        |mut c: C<'_>, vp: u32, vn: u32, np: u32, nn: u32, ret: u32| {
+        |mut c: C<'_>, vp: u32, vn: u32, np: u32, nn: u32, ret: u32| -> Result<u32> {
             let vm_id = tri!(read_str(&c, vp, vn)?);
             let name = tri!(read_str(&c, np, nn)?);
             let ctx = c.data();
@@ -578,7 +578,7 @@ fn shared(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_dequeue_shared_queue",
-        |mut c: C<'_>, id: u32, rp: u32, rn: u32| {
+        |mut c: C<'_>, id: u32, rp: u32, rn: u32| -> Result<u32> {
             let v = tri!(c.data().vm.dequeue(id));
             put_bytes(&mut c, &v, rp, rn)
         },
@@ -586,7 +586,7 @@ fn shared(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_enqueue_shared_queue",
-        |c: C<'_>, id: u32, vp: u32, vn: u32| {
+        |c: C<'_>, id: u32, vp: u32, vn: u32| -> Result<u32> {
             let v = tri!(read(&c, vp, vn)?);
             tri!(c.data().vm.enqueue(id, &v));
             Ok(0u32)
@@ -596,7 +596,6 @@ fn shared(l: &mut Linker<Ctx>) -> Result<()> {
 }
 
 fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
-    #[allow(clippy::too_many_arguments)]
     l.func_wrap(
         "env",
         "proxy_http_call",
@@ -610,7 +609,7 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
          tp: u32,
          tn: u32,
          timeout_ms: u32,
-         ret: u32| {
+         ret: u32| -> Result<u32> {
             let upstream = tri!(read_str(&c, up, un)?);
             let headers = tri!(headers_arg(&c, hp, hn)?);
             let body = tri!(read(&c, bp, bn)?);
@@ -635,7 +634,6 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
             Ok(0u32)
         },
     )?;
-    #[allow(clippy::too_many_arguments)]
     l.func_wrap(
         "env",
         "proxy_grpc_call",
@@ -651,7 +649,7 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
          msgp: u32,
          msgn: u32,
          _timeout_ms: u32,
-         ret: u32| {
+         ret: u32| -> Result<u32> {
             let upstream = tri!(read_str(&c, up, un)?);
             let service = tri!(read_str(&c, sp, sn)?);
             let method = tri!(read_str(&c, mp, mn)?);
@@ -680,7 +678,6 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
             Ok(0u32)
         },
     )?;
-    #[allow(clippy::too_many_arguments)]
     l.func_wrap(
         "env",
         "proxy_grpc_stream",
@@ -693,7 +690,7 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
          mn: u32,
          hp: u32,
          hn: u32,
-         ret: u32| {
+         ret: u32| -> Result<u32> {
             let upstream = tri!(read_str(&c, up, un)?);
             let service = tri!(read_str(&c, sp, sn)?);
             let method = tri!(read_str(&c, mp, mn)?);
@@ -724,7 +721,7 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_grpc_send",
-        |mut c: C<'_>, token: u32, mp: u32, mn: u32, end: u32| {
+        |mut c: C<'_>, token: u32, mp: u32, mn: u32, end: u32| -> Result<u32> {
             let msg = tri!(read(&c, mp, mn)?);
             let Some(call) = c.data_mut().grpc_callouts.get_mut(&token) else {
                 return Ok(Status::NotFound as u32);
@@ -738,7 +735,7 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
         },
     )?;
     for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
-        l.func_wrap("env", name, |mut c: C<'_>, token: u32| {
+        l.func_wrap("env", name, |mut c: C<'_>, token: u32| -> Result<u32> {
             match c.data_mut().grpc_callouts.get_mut(&token) {
                 Some(call) => {
                     call.cancelled = true;
@@ -751,7 +748,7 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
     l.func_wrap(
         "env",
         "proxy_get_status",
-        |mut c: C<'_>, rc: u32, rp: u32, rn: u32| {
+        |mut c: C<'_>, rc: u32, rp: u32, rn: u32| -> Result<u32> {
             let Some((code, msg)) = c.data().call.as_ref().and_then(|d| d.status.clone()) else {
                 return Ok(Status::NotFound as u32);
             };

@@ -226,13 +226,13 @@ impl Plugin {
         } else if start.is_some() {
             plugin.invoke("_start", start, ())?;
         }
-        plugin.invoke("proxy_on_context_create", plugin.cb.context_create, (root_id, 0))?;
+        plugin.invoke("proxy_on_context_create", plugin.cb.context_create.clone(), (root_id, 0))?;
         let size = plugin.store.data().vm_configuration.len() as u32;
-        if plugin.invoke("proxy_on_vm_start", plugin.cb.vm_start, (root_id, size))? == Some(0) {
+        if plugin.invoke("proxy_on_vm_start", plugin.cb.vm_start.clone(), (root_id, size))? == Some(0) {
             return Err(HostError::Rejected("VM"));
         }
         let size = plugin.store.data().configuration.len() as u32;
-        if plugin.invoke("proxy_on_configure", plugin.cb.configure, (root_id, size))? == Some(0) {
+        if plugin.invoke("proxy_on_configure", plugin.cb.configure.clone(), (root_id, size))? == Some(0) {
             return Err(HostError::Rejected("plugin"));
         }
         plugin.poll()?;
@@ -273,7 +273,7 @@ impl Plugin {
         self.store.data_mut().configuration = configuration.to_vec();
         self.effective(root);
         let size = configuration.len() as u32;
-        if self.invoke("proxy_on_configure", self.cb.configure, (root, size))? == Some(0) {
+        if self.invoke("proxy_on_configure", self.cb.configure.clone(), (root, size))? == Some(0) {
             return Err(HostError::Rejected("plugin"));
         }
         self.poll()
@@ -288,7 +288,7 @@ impl Plugin {
         };
         while let Some((context, queue)) = vm.next_ready(instance) {
             self.effective(context);
-            self.invoke("proxy_on_queue_ready", self.cb.queue_ready, (context, queue))?;
+            self.invoke("proxy_on_queue_ready", self.cb.queue_ready.clone(), (context, queue))?;
         }
         Ok(())
     }
@@ -324,7 +324,7 @@ impl Plugin {
         d.next_tick_ns = (d.tick_period_ms > 0)
             .then(|| d.now_ns + u64::from(d.tick_period_ms) * 1_000_000);
         self.effective(root);
-        self.invoke("proxy_on_tick", self.cb.tick, root)?;
+        self.invoke("proxy_on_tick", self.cb.tick.clone(), root)?;
         self.poll()
     }
 
@@ -360,11 +360,11 @@ impl Plugin {
         );
         self.metas().insert(id, Meta::default());
         self.effective(id);
-        self.invoke("proxy_on_context_create", self.cb.context_create, (id, root))?;
+        self.invoke("proxy_on_context_create", self.cb.context_create.clone(), (id, root))?;
         let eos = body_chunks.is_empty() && !has_trailers;
         let action = self.invoke(
             "proxy_on_request_headers",
-            self.cb.request_headers,
+            self.cb.request_headers.clone(),
             (id, n_headers, u32::from(eos)),
         )?;
         self.after(id, "on_request_headers", action, Half::Request);
@@ -382,7 +382,7 @@ impl Plugin {
             self.effective(id);
             let action = self.invoke(
                 "proxy_on_request_body",
-                self.cb.request_body,
+                self.cb.request_body.clone(),
                 (id, size, u32::from(eos)),
             )?;
             self.after(id, "on_request_body", action, Half::Request);
@@ -391,7 +391,7 @@ impl Plugin {
             self.effective(id);
             let action = self.invoke(
                 "proxy_on_request_trailers",
-                self.cb.request_trailers,
+                self.cb.request_trailers.clone(),
                 (id, n_trailers),
             )?;
             self.after(id, "on_request_trailers", action, Half::Request);
@@ -432,9 +432,9 @@ impl Plugin {
             self.respond(id, resp)?;
         }
         self.effective(id);
-        self.invoke("proxy_on_done", self.cb.done, id)?;
-        self.invoke("proxy_on_log", self.cb.log, id)?;
-        self.invoke("proxy_on_delete", self.cb.delete, id)?;
+        self.invoke("proxy_on_done", self.cb.done.clone(), id)?;
+        self.invoke("proxy_on_log", self.cb.log.clone(), id)?;
+        self.invoke("proxy_on_delete", self.cb.delete.clone(), id)?;
         let root = self.store.data().root_id;
         self.effective(root);
         let s = self
@@ -478,7 +478,7 @@ impl Plugin {
         let eos = body_chunks.is_empty() && !has_trailers;
         let action = self.invoke(
             "proxy_on_response_headers",
-            self.cb.response_headers,
+            self.cb.response_headers.clone(),
             (id, n_headers, u32::from(eos)),
         )?;
         self.after(id, "on_response_headers", action, Half::Response);
@@ -493,7 +493,7 @@ impl Plugin {
             self.effective(id);
             let action = self.invoke(
                 "proxy_on_response_body",
-                self.cb.response_body,
+                self.cb.response_body.clone(),
                 (id, size, u32::from(eos)),
             )?;
             self.after(id, "on_response_body", action, Half::Response);
@@ -502,7 +502,7 @@ impl Plugin {
             self.effective(id);
             let action = self.invoke(
                 "proxy_on_response_trailers",
-                self.cb.response_trailers,
+                self.cb.response_trailers.clone(),
                 (id, n_trailers),
             )?;
             self.after(id, "on_response_trailers", action, Half::Response);
@@ -625,7 +625,7 @@ impl Plugin {
             data.trailers.len() as u32,
         );
         self.with_call(call.context_id, data, |p| {
-            p.invoke("proxy_on_http_call_response", p.cb.http_call_response, args)
+            p.invoke("proxy_on_http_call_response", p.cb.http_call_response.clone(), args)
         })
     }
 
@@ -652,7 +652,7 @@ impl Plugin {
         self.with_call(ctx, data, |p| {
             p.invoke(
                 "proxy_on_grpc_receive_initial_metadata",
-                p.cb.grpc_initial_metadata,
+                p.cb.grpc_initial_metadata.clone(),
                 args,
             )
         })
@@ -673,7 +673,7 @@ impl Plugin {
         }
         let args = (ctx, token, message.len() as u32);
         let data = CallData { body: message.to_vec(), ..CallData::default() };
-        self.with_call(ctx, data, |p| p.invoke("proxy_on_grpc_receive", p.cb.grpc_receive, args))
+        self.with_call(ctx, data, |p| p.invoke("proxy_on_grpc_receive", p.cb.grpc_receive.clone(), args))
     }
 
     /// Delivers trailing metadata on a gRPC stream.
@@ -684,7 +684,7 @@ impl Plugin {
         self.with_call(ctx, data, |p| {
             p.invoke(
                 "proxy_on_grpc_receive_trailing_metadata",
-                p.cb.grpc_trailing_metadata,
+                p.cb.grpc_trailing_metadata.clone(),
                 args,
             )
         })
@@ -699,7 +699,7 @@ impl Plugin {
             ..CallData::default()
         };
         self.with_call(ctx, data, |p| {
-            p.invoke("proxy_on_grpc_close", p.cb.grpc_close, (ctx, token, status))
+            p.invoke("proxy_on_grpc_close", p.cb.grpc_close.clone(), (ctx, token, status))
         })
     }
 
