@@ -202,9 +202,10 @@ fn grpc_stream_messages_flow_both_ways() {
     p.grpc_initial_metadata(call.token, Headers::from_pairs([("x-md", "1")]))
         .unwrap();
     p.grpc_message(call.token, b"welcome").unwrap();
+    p.grpc_close(call.token, 14, "unavailable").unwrap();
+    assert!(p.grpc_callouts().is_empty());
     let out = p.finish(id, None).unwrap();
     assert_eq!(out.request_headers.get("x-grpc-message"), Some("welcome"));
-    p.grpc_close(call.token, 14, "unavailable").unwrap();
     assert!(p
         .logs()
         .iter()

@@ -38,7 +38,7 @@ use kvmesh_plugins_sdk::prompt::{Api, parse};
 use kvmesh_plugins_sdk::proto;
 use kvmesh_plugins_sdk::state::StateWriter;
 
-pub use cache::{SHARDS, TieredCache};
+pub use cache::{SHARDS, TierIx, TieredCache};
 pub use report::{PluginReport, Report};
 
 /// The header a routing plugin writes its choice into.
