@@ -278,7 +278,11 @@ fn wait_listener(envoy: &mut Envoy, admin_path: &std::path::Path) -> u16 {
             let log = std::fs::read_to_string(envoy._dir.0.join("envoy.log")).unwrap_or_default();
             panic!("Envoy exited with {status}:\n{log}");
         }
-        assert!(Instant::now() < deadline, "Envoy did not come up in 60 s");
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(envoy._dir.0.join("envoy.log")).unwrap_or_default();
+            let admin = std::fs::read_to_string(admin_path).unwrap_or_default();
+            panic!("Envoy did not come up in 60 s (admin {admin:?}):\n{log}");
+        }
         if let Some(port) = std::fs::read_to_string(admin_path)
             .ok()
             .and_then(|a| a.trim().rsplit(':').next().and_then(|p| p.parse::<u16>().ok()))
@@ -292,12 +296,26 @@ fn wait_listener(envoy: &mut Envoy, admin_path: &std::path::Path) -> u16 {
 
 fn listener_port(admin: u16) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", admin)).ok()?;
+    // Envoy refuses HTTP/1.0 (426), and answers 1.1 with a chunked body.
     s.write_all(b"GET /listeners?format=json HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
         .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
-    let body = text.split("\r\n\r\n").nth(1)?;
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let (head, mut rest) = text.split_once("\r\n\r\n")?;
+    let mut body = String::new();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            if n == 0 {
+                break;
+            }
+            body.push_str(after.get(..n)?);
+            rest = after.get(n + 2..)?;
+        }
+    } else {
+        body.push_str(rest);
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     v["listener_statuses"]
         .as_array()?
         .iter()
@@ -371,6 +389,16 @@ fn host_and_envoy_choose_the_same_endpoints() {
         for case in &cases {
             let seed = state_writes(&case.replica_specs());
             let expected = host_decisions(plugin, case, &seed);
+            // A comparison only means something if the seeded state reached
+            // the plugin: every choice must be one of the case's replicas.
+            for (dest, _) in &expected {
+                let first = dest.split(',').next().unwrap_or_default();
+                assert!(
+                    case.replicas.iter().any(|r| r.address == first),
+                    "{plugin} / {}: host chose {dest:?}, not a replica of the case",
+                    case.name
+                );
+            }
             let (up_port, seen) = upstream();
             let envoy = start_envoy(plugin, &seed, up_port);
             let mut got = Vec::new();
