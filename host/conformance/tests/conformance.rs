@@ -1,6 +1,8 @@
 //! Every routing plugin in plugins/ through the kvmesh host, with the
 //! data-plane scenarios: the same .wasm files Envoy runs.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 
 use kvmesh_host_conformance::{
@@ -99,14 +101,23 @@ fn every_plugin_routes_and_counts_bad_bodies() {
             assert_eq!(out.state, RequestState::Forwarded, "{name}, {what}");
             let first = primary(out.request_headers.get(DEST))
                 .unwrap_or_else(|| panic!("{name}, {what}: not routed"));
-            assert!(addresses.contains(&first.as_str()), "{name}, {what}: {first}");
-            assert_eq!(&out.request_body, body, "{name}, {what}: body must pass unchanged");
+            assert!(
+                addresses.contains(&first.as_str()),
+                "{name}, {what}: {first}"
+            );
+            assert_eq!(
+                &out.request_body, body,
+                "{name}, {what}: body must pass unchanged"
+            );
             if *what != "huge" {
                 let after = counters(&p);
                 let counted = after
                     .iter()
                     .any(|(k, v)| before.get(k).copied().unwrap_or(0) < *v && k.contains("pars"));
-                assert!(counted, "{name}, {what}: no parse-failure counter moved: {after:?}");
+                assert!(
+                    counted,
+                    "{name}, {what}: no parse-failure counter moved: {after:?}"
+                );
             }
         }
     }
@@ -120,7 +131,11 @@ fn round_robin_spreads_evenly() {
     let mut count: HashMap<String, usize> = HashMap::new();
     for i in 0..30 {
         *count
-            .entry(route(&mut p, CHAT, &chat_body("same system", &format!("q{i}"))))
+            .entry(route(
+                &mut p,
+                CHAT,
+                &chat_body("same system", &format!("q{i}")),
+            ))
             .or_default() += 1;
     }
     assert_eq!(count.len(), 3, "{count:?}");
@@ -132,7 +147,10 @@ fn prefix_aware_keeps_shared_prefixes_together() {
     let host = Host::new().unwrap();
     let replicas = pool(4);
     let mut vms = start(&host, "prefix-aware", 2).unwrap();
-    publish(&host.vm(&kvmesh_host_conformance::vm_id("prefix-aware")), &replicas);
+    publish(
+        &host.vm(&kvmesh_host_conformance::vm_id("prefix-aware")),
+        &replicas,
+    );
     let systems: Vec<String> = (0..3).map(|g| text(g, 2048)).collect();
     let mut homes: HashMap<usize, Vec<String>> = HashMap::new();
     for i in 0..30 {
@@ -161,7 +179,10 @@ fn prefix_aware_spills_a_hot_prefix_past_its_load_bound() {
     let mut open = Vec::new();
     for i in 0..40 {
         let id = p
-            .begin(HttpRequest::post_json(CHAT, &chat_body(&system, &format!("q{i}"))))
+            .begin(HttpRequest::post_json(
+                CHAT,
+                &chat_body(&system, &format!("q{i}")),
+            ))
             .unwrap();
         open.push(id);
         let state = p.request_state(id).unwrap();
@@ -169,11 +190,19 @@ fn prefix_aware_spills_a_hot_prefix_past_its_load_bound() {
     }
     for id in open {
         let out = p.finish(id, None).unwrap();
-        *chosen.entry(primary(out.request_headers.get(DEST)).unwrap()).or_default() += 1;
+        *chosen
+            .entry(primary(out.request_headers.get(DEST)).unwrap())
+            .or_default() += 1;
     }
     let max = *chosen.values().max().unwrap();
-    assert!(chosen.len() > 1, "a hot prefix pinned one replica: {chosen:?}");
-    assert!(max >= 40 / 4, "the home replica should still take its share: {chosen:?}");
+    assert!(
+        chosen.len() > 1,
+        "a hot prefix pinned one replica: {chosen:?}"
+    );
+    assert!(
+        max >= 40 / 4,
+        "the home replica should still take its share: {chosen:?}"
+    );
 }
 
 #[test]

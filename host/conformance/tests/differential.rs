@@ -8,6 +8,8 @@
 //! `x-gateway-destination-endpoint`; the host's is the same header in the
 //! `Outcome`. Decision response headers (`x-kvmesh-*`) must match too.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -67,7 +69,9 @@ fn serve(conn: TcpStream, seen: &Seen) {
     });
     let mut conn = conn;
     loop {
-        let Some(headers) = read_head(&mut reader) else { return };
+        let Some(headers) = read_head(&mut reader) else {
+            return;
+        };
         let len: usize = headers
             .get("content-length")
             .and_then(|v| v.parse().ok())
@@ -80,7 +84,8 @@ fn serve(conn: TcpStream, seen: &Seen) {
             headers.get("x-case").unwrap_or("").to_owned(),
             headers.get(DEST).unwrap_or("<none>").to_owned(),
         ));
-        let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        let reply =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
         if conn.write_all(reply).is_err() {
             return;
         }
@@ -162,7 +167,8 @@ fn start_envoy(plugin: &str, seed: &[(String, Vec<u8>)], upstream_port: u16) -> 
     std::fs::create_dir_all(&dir).unwrap();
     let dir = TempDir(dir);
     let wasm = kvmesh_host_runtime::locate_plugin(plugin).unwrap_or_else(|e| panic!("{e}"));
-    let fixture = kvmesh_host_runtime::locate_plugin("host-fixture").unwrap_or_else(|e| panic!("{e}"));
+    let fixture =
+        kvmesh_host_runtime::locate_plugin("host-fixture").unwrap_or_else(|e| panic!("{e}"));
     let mut seed_text = String::from("seed:\n");
     for (k, v) in seed {
         seed_text.push_str(k);
@@ -252,7 +258,10 @@ static_resources:
         .arg("--concurrency")
         .arg("1")
         .arg("--base-id")
-        .arg((std::process::id() % 50_000 + N.load(std::sync::atomic::Ordering::Relaxed) * 7).to_string())
+        .arg(
+            (std::process::id() % 50_000 + N.load(std::sync::atomic::Ordering::Relaxed) * 7)
+                .to_string(),
+        )
         .arg("--admin-address-path")
         .arg(&admin_path)
         .arg("-l")
@@ -285,7 +294,12 @@ fn wait_listener(envoy: &mut Envoy, admin_path: &std::path::Path) -> u16 {
         }
         if let Some(port) = std::fs::read_to_string(admin_path)
             .ok()
-            .and_then(|a| a.trim().rsplit(':').next().and_then(|p| p.parse::<u16>().ok()))
+            .and_then(|a| {
+                a.trim()
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+            })
             .and_then(listener_port)
         {
             return port;
@@ -303,7 +317,10 @@ fn listener_port(admin: u16) -> Option<u16> {
     s.read_to_string(&mut text).ok()?;
     let (head, mut rest) = text.split_once("\r\n\r\n")?;
     let mut body = String::new();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         while let Some((size, after)) = rest.split_once("\r\n") {
             let n = usize::from_str_radix(size.trim(), 16).ok()?;
             if n == 0 {
@@ -345,7 +362,11 @@ fn decision_headers(h: &Headers) -> Vec<(String, String)> {
     v
 }
 
-fn host_decisions(plugin: &str, case: &Case, seed: &[(String, Vec<u8>)]) -> Vec<(String, Vec<(String, String)>)> {
+fn host_decisions(
+    plugin: &str,
+    case: &Case,
+    seed: &[(String, Vec<u8>)],
+) -> Vec<(String, Vec<(String, String)>)> {
     let host = Host::new().unwrap();
     let module = host
         .load_file(kvmesh_host_runtime::locate_plugin(plugin).unwrap())

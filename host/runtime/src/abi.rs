@@ -8,9 +8,9 @@ use std::sync::Arc;
 use wasmtime::{Caller, Linker, Memory, Result, TypedFunc, format_err};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
+use crate::Registry;
 use crate::shared::{MetricKind, SharedVm};
 use crate::types::{GrpcCallout, Headers, HttpCallout, LocalResponse, LogEntry, Status};
-use crate::Registry;
 
 /// One HTTP stream's maps and buffers, as the plugin sees them.
 #[derive(Debug, Default)]
@@ -70,7 +70,9 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     fn stream(&mut self) -> Result<&mut StreamState, Status> {
-        self.streams.get_mut(&self.effective).ok_or(Status::NotFound)
+        self.streams
+            .get_mut(&self.effective)
+            .ok_or(Status::NotFound)
     }
 
     fn token(&mut self) -> u32 {
@@ -112,9 +114,8 @@ impl Ctx {
             let header = |name: &str| s.request_headers.get_bytes(name).map(<[u8]>::to_vec);
             let derived = match path {
                 "request.path" => header(":path"),
-                "request.url_path" => header(":path").map(|p| {
-                    p.split(|&b| b == b'?').next().unwrap_or_default().to_vec()
-                }),
+                "request.url_path" => header(":path")
+                    .map(|p| p.split(|&b| b == b'?').next().unwrap_or_default().to_vec()),
                 "request.method" => header(":method"),
                 "request.host" => header(":authority"),
                 "request.scheme" => header(":scheme"),
@@ -162,8 +163,7 @@ fn read(caller: &C<'_>, ptr: u32, len: u32) -> Result<Result<Vec<u8>, Status>> {
 }
 
 fn read_str(caller: &C<'_>, ptr: u32, len: u32) -> Result<Result<String, Status>> {
-    Ok(read(caller, ptr, len)?
-        .and_then(|b| String::from_utf8(b).map_err(|_| Status::BadArgument)))
+    Ok(read(caller, ptr, len)?.and_then(|b| String::from_utf8(b).map_err(|_| Status::BadArgument)))
 }
 
 fn write(caller: &mut C<'_>, ptr: u32, bytes: &[u8]) -> Result<Result<(), Status>> {
@@ -190,11 +190,10 @@ fn put_bytes(caller: &mut C<'_>, data: &[u8], ptr_ptr: u32, size_ptr: u32) -> Re
     let ptr = if data.is_empty() {
         0
     } else {
-        let alloc = caller
-            .data()
-            .alloc
-            .clone()
-            .ok_or_else(|| format_err!("module exports no proxy_on_memory_allocate or malloc"))?;
+        let alloc =
+            caller.data().alloc.clone().ok_or_else(|| {
+                format_err!("module exports no proxy_on_memory_allocate or malloc")
+            })?;
         let p = alloc.call(&mut *caller, data.len() as u32)?;
         if p == 0 {
             return Err(format_err!(
@@ -244,8 +243,7 @@ fn known_cluster(ctx: &Ctx, upstream: &str) -> Result<(), Status> {
 }
 
 fn headers_arg(caller: &C<'_>, ptr: u32, len: u32) -> Result<Result<Headers, Status>> {
-    Ok(read(caller, ptr, len)?
-        .and_then(|b| Headers::deserialize(&b).ok_or(Status::ParseFailure)))
+    Ok(read(caller, ptr, len)?.and_then(|b| Headers::deserialize(&b).ok_or(Status::ParseFailure)))
 }
 
 /// Adds every proxy-wasm import and the WASI preview1 imports to `linker`.
@@ -259,21 +257,29 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Ctx>) -> Result<()> {
 }
 
 fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
-    l.func_wrap("env", "proxy_log", |mut c: C<'_>, level: u32, p: u32, n: u32| -> Result<u32> {
-        let msg = tri!(read(&c, p, n)?);
-        let ctx = c.data_mut();
-        ctx.logs.push(LogEntry {
-            level,
-            context_id: ctx.effective,
-            message: String::from_utf8_lossy(&msg).into_owned(),
-        });
-        Ok(0u32)
-    })?;
-    l.func_wrap("env", "proxy_get_log_level", |mut c: C<'_>, ret: u32| -> Result<u32> {
-        let level = c.data().log_level;
-        tri!(write_u32(&mut c, ret, level)?);
-        Ok(0u32)
-    })?;
+    l.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: C<'_>, level: u32, p: u32, n: u32| -> Result<u32> {
+            let msg = tri!(read(&c, p, n)?);
+            let ctx = c.data_mut();
+            ctx.logs.push(LogEntry {
+                level,
+                context_id: ctx.effective,
+                message: String::from_utf8_lossy(&msg).into_owned(),
+            });
+            Ok(0u32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_log_level",
+        |mut c: C<'_>, ret: u32| -> Result<u32> {
+            let level = c.data().log_level;
+            tri!(write_u32(&mut c, ret, level)?);
+            Ok(0u32)
+        },
+    )?;
     l.func_wrap(
         "env",
         "proxy_get_current_time_nanoseconds",
@@ -293,32 +299,44 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
             Ok(0u32)
         },
     )?;
-    l.func_wrap("env", "proxy_set_effective_context", |mut c: C<'_>, id: u32| -> Result<u32> {
-        let ctx = c.data_mut();
-        if id == ctx.root_id || ctx.streams.contains_key(&id) {
-            ctx.effective = id;
-            Ok(0u32)
-        } else {
-            Ok(Status::BadArgument as u32)
-        }
-    })?;
+    l.func_wrap(
+        "env",
+        "proxy_set_effective_context",
+        |mut c: C<'_>, id: u32| -> Result<u32> {
+            let ctx = c.data_mut();
+            if id == ctx.root_id || ctx.streams.contains_key(&id) {
+                ctx.effective = id;
+                Ok(0u32)
+            } else {
+                Ok(Status::BadArgument as u32)
+            }
+        },
+    )?;
     l.func_wrap("env", "proxy_done", |mut c: C<'_>| -> Result<u32> {
         c.data_mut().done = true;
         Ok(0u32)
     })?;
-    l.func_wrap("env", "proxy_continue_stream", |mut c: C<'_>, ty: u32| -> Result<u32> {
-        let s = tri!(c.data_mut().stream());
-        match ty {
-            0 => s.continue_request = true,
-            1 => s.continue_response = true,
-            _ => return Ok(Status::BadArgument as u32),
-        }
-        Ok(0u32)
-    })?;
-    l.func_wrap("env", "proxy_close_stream", |mut c: C<'_>, _ty: u32| -> Result<u32> {
-        tri!(c.data_mut().stream()).closed = true;
-        Ok(0u32)
-    })?;
+    l.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |mut c: C<'_>, ty: u32| -> Result<u32> {
+            let s = tri!(c.data_mut().stream());
+            match ty {
+                0 => s.continue_request = true,
+                1 => s.continue_response = true,
+                _ => return Ok(Status::BadArgument as u32),
+            }
+            Ok(0u32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |mut c: C<'_>, _ty: u32| -> Result<u32> {
+            tri!(c.data_mut().stream()).closed = true;
+            Ok(0u32)
+        },
+    )?;
     l.func_wrap(
         "env",
         "proxy_send_local_response",
@@ -330,7 +348,8 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
          bn: u32,
          hp: u32,
          hn: u32,
-         grpc_status: i32| -> Result<u32> {
+         grpc_status: i32|
+         -> Result<u32> {
             let details = String::from_utf8_lossy(&tri!(read(&c, dp, dn)?)).into_owned();
             let body = tri!(read(&c, bp, bn)?);
             let headers = tri!(headers_arg(&c, hp, hn)?);
@@ -353,7 +372,9 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
             ctx.logs.push(LogEntry {
                 level: 3,
                 context_id: ctx.effective,
-                message: format!("kvmesh host: foreign function {name:?} is not provided; refused with NotFound"),
+                message: format!(
+                    "kvmesh host: foreign function {name:?} is not provided; refused with NotFound"
+                ),
             });
             ctx.refused_foreign.push(name);
             Ok(Status::NotFound as u32)
@@ -400,19 +421,31 @@ fn lifecycle(l: &mut Linker<Ctx>) -> Result<()> {
             Ok(0u32)
         },
     )?;
-    l.func_wrap("env", "proxy_get_metric", |mut c: C<'_>, id: u32, ret: u32| -> Result<u32> {
-        let v = tri!(c.data().vm.get_metric(id));
-        tri!(write(&mut c, ret, &v.to_le_bytes())?);
-        Ok(0u32)
-    })?;
-    l.func_wrap("env", "proxy_record_metric", |c: C<'_>, id: u32, v: u64| -> Result<u32> {
-        tri!(c.data().vm.record_metric(id, v));
-        Ok(0u32)
-    })?;
-    l.func_wrap("env", "proxy_increment_metric", |c: C<'_>, id: u32, d: i64| -> Result<u32> {
-        tri!(c.data().vm.increment_metric(id, d));
-        Ok(0u32)
-    })?;
+    l.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: C<'_>, id: u32, ret: u32| -> Result<u32> {
+            let v = tri!(c.data().vm.get_metric(id));
+            tri!(write(&mut c, ret, &v.to_le_bytes())?);
+            Ok(0u32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |c: C<'_>, id: u32, v: u64| -> Result<u32> {
+            tri!(c.data().vm.record_metric(id, v));
+            Ok(0u32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |c: C<'_>, id: u32, d: i64| -> Result<u32> {
+            tri!(c.data().vm.increment_metric(id, d));
+            Ok(0u32)
+        },
+    )?;
     Ok(())
 }
 
@@ -439,7 +472,10 @@ fn maps_and_buffers(l: &mut Linker<Ctx>) -> Result<()> {
         "proxy_get_header_map_value",
         |mut c: C<'_>, ty: u32, kp: u32, kn: u32, rp: u32, rn: u32| -> Result<u32> {
             let key = tri!(read_str(&c, kp, kn)?);
-            let Some(v) = tri!(c.data_mut().map(ty)).get_bytes(&key).map(<[u8]>::to_vec) else {
+            let Some(v) = tri!(c.data_mut().map(ty))
+                .get_bytes(&key)
+                .map(<[u8]>::to_vec)
+            else {
                 return Ok(Status::NotFound as u32);
             };
             put_bytes(&mut c, &v, rp, rn)
@@ -546,7 +582,9 @@ fn shared(l: &mut Linker<Ctx>) -> Result<()> {
         |mut c: C<'_>, np: u32, nn: u32, ret: u32| -> Result<u32> {
             let name = tri!(read_str(&c, np, nn)?);
             let ctx = c.data();
-            let id = ctx.vm.register_queue(&name, (ctx.instance_id, ctx.effective));
+            let id = ctx
+                .vm
+                .register_queue(&name, (ctx.instance_id, ctx.effective));
             tri!(write_u32(&mut c, ret, id)?);
             Ok(0u32)
         },
@@ -609,7 +647,8 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
          tp: u32,
          tn: u32,
          timeout_ms: u32,
-         ret: u32| -> Result<u32> {
+         ret: u32|
+         -> Result<u32> {
             let upstream = tri!(read_str(&c, up, un)?);
             let headers = tri!(headers_arg(&c, hp, hn)?);
             let body = tri!(read(&c, bp, bn)?);
@@ -649,7 +688,8 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
          msgp: u32,
          msgn: u32,
          _timeout_ms: u32,
-         ret: u32| -> Result<u32> {
+         ret: u32|
+         -> Result<u32> {
             let upstream = tri!(read_str(&c, up, un)?);
             let service = tri!(read_str(&c, sp, sn)?);
             let method = tri!(read_str(&c, mp, mn)?);
@@ -690,7 +730,8 @@ fn callouts(l: &mut Linker<Ctx>) -> Result<()> {
          mn: u32,
          hp: u32,
          hn: u32,
-         ret: u32| -> Result<u32> {
+         ret: u32|
+         -> Result<u32> {
             let upstream = tri!(read_str(&c, up, un)?);
             let service = tri!(read_str(&c, sp, sn)?);
             let method = tri!(read_str(&c, mp, mn)?);

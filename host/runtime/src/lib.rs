@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub use plugin::{Plugin, PluginConfig};
 pub use shared::{MetricKind, MetricValue, SharedVm};
 pub use types::{
-    Action, GrpcCallout, Headers, HttpCallout, HttpRequest, HttpResponse, LocalResponse,
-    LogEntry, Outcome, RequestState, Status,
+    Action, GrpcCallout, Headers, HttpCallout, HttpRequest, HttpResponse, LocalResponse, LogEntry,
+    Outcome, RequestState, Status,
 };
 
 /// Why the host could not load or run a plugin.

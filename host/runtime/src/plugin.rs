@@ -128,11 +128,21 @@ enum Half {
 // === impl Plugin ===
 
 impl Plugin {
-    pub(crate) fn start(host: &Host, module: &Module, config: PluginConfig) -> Result<Self, HostError> {
+    pub(crate) fn start(
+        host: &Host,
+        module: &Module,
+        config: PluginConfig,
+    ) -> Result<Self, HostError> {
         let root_id = 1;
         let mut properties = HashMap::new();
-        properties.insert("plugin_root_id".to_owned(), config.root_id.clone().into_bytes());
-        properties.insert("plugin_name".to_owned(), config.root_id.clone().into_bytes());
+        properties.insert(
+            "plugin_root_id".to_owned(),
+            config.root_id.clone().into_bytes(),
+        );
+        properties.insert(
+            "plugin_name".to_owned(),
+            config.root_id.clone().into_bytes(),
+        );
         properties.insert("plugin_vm_id".to_owned(), config.vm_id.clone().into_bytes());
         for (k, v) in &config.properties {
             properties.insert(k.clone(), v.clone());
@@ -226,13 +236,27 @@ impl Plugin {
         } else if start.is_some() {
             plugin.invoke("_start", start, ())?;
         }
-        plugin.invoke("proxy_on_context_create", plugin.cb.context_create.clone(), (root_id, 0))?;
+        plugin.invoke(
+            "proxy_on_context_create",
+            plugin.cb.context_create.clone(),
+            (root_id, 0),
+        )?;
         let size = plugin.store.data().vm_configuration.len() as u32;
-        if plugin.invoke("proxy_on_vm_start", plugin.cb.vm_start.clone(), (root_id, size))? == Some(0) {
+        if plugin.invoke(
+            "proxy_on_vm_start",
+            plugin.cb.vm_start.clone(),
+            (root_id, size),
+        )? == Some(0)
+        {
             return Err(HostError::Rejected("VM"));
         }
         let size = plugin.store.data().configuration.len() as u32;
-        if plugin.invoke("proxy_on_configure", plugin.cb.configure.clone(), (root_id, size))? == Some(0) {
+        if plugin.invoke(
+            "proxy_on_configure",
+            plugin.cb.configure.clone(),
+            (root_id, size),
+        )? == Some(0)
+        {
             return Err(HostError::Rejected("plugin"));
         }
         plugin.poll()?;
@@ -273,7 +297,12 @@ impl Plugin {
         self.store.data_mut().configuration = configuration.to_vec();
         self.effective(root);
         let size = configuration.len() as u32;
-        if self.invoke("proxy_on_configure", self.cb.configure.clone(), (root, size))? == Some(0) {
+        if self.invoke(
+            "proxy_on_configure",
+            self.cb.configure.clone(),
+            (root, size),
+        )? == Some(0)
+        {
             return Err(HostError::Rejected("plugin"));
         }
         self.poll()
@@ -288,7 +317,11 @@ impl Plugin {
         };
         while let Some((context, queue)) = vm.next_ready(instance) {
             self.effective(context);
-            self.invoke("proxy_on_queue_ready", self.cb.queue_ready.clone(), (context, queue))?;
+            self.invoke(
+                "proxy_on_queue_ready",
+                self.cb.queue_ready.clone(),
+                (context, queue),
+            )?;
         }
         Ok(())
     }
@@ -321,8 +354,8 @@ impl Plugin {
     pub fn tick(&mut self) -> Result<(), HostError> {
         let root = self.store.data().root_id;
         let d = self.store.data_mut();
-        d.next_tick_ns = (d.tick_period_ms > 0)
-            .then(|| d.now_ns + u64::from(d.tick_period_ms) * 1_000_000);
+        d.next_tick_ns =
+            (d.tick_period_ms > 0).then(|| d.now_ns + u64::from(d.tick_period_ms) * 1_000_000);
         self.effective(root);
         self.invoke("proxy_on_tick", self.cb.tick.clone(), root)?;
         self.poll()
@@ -360,7 +393,11 @@ impl Plugin {
         );
         self.metas().insert(id, Meta::default());
         self.effective(id);
-        self.invoke("proxy_on_context_create", self.cb.context_create.clone(), (id, root))?;
+        self.invoke(
+            "proxy_on_context_create",
+            self.cb.context_create.clone(),
+            (id, root),
+        )?;
         let eos = body_chunks.is_empty() && !has_trailers;
         let action = self.invoke(
             "proxy_on_request_headers",
@@ -403,7 +440,12 @@ impl Plugin {
     /// Where a stream begun with [`Plugin::begin`] stands now.
     pub fn request_state(&mut self, id: u32) -> Result<RequestState, HostError> {
         self.take_continue(id, Half::Request);
-        let s = self.store.data().streams.get(&id).ok_or_else(|| unknown_stream(id))?;
+        let s = self
+            .store
+            .data()
+            .streams
+            .get(&id)
+            .ok_or_else(|| unknown_stream(id))?;
         let meta = self.meta(id);
         Ok(if s.local_response.is_some() {
             RequestState::LocalResponse
@@ -525,11 +567,19 @@ impl Plugin {
         let moved = match half {
             Half::Request => {
                 s.continue_request = false;
-                if paused { Vec::new() } else { std::mem::take(&mut s.request_body) }
+                if paused {
+                    Vec::new()
+                } else {
+                    std::mem::take(&mut s.request_body)
+                }
             }
             Half::Response => {
                 s.continue_response = false;
-                if paused { Vec::new() } else { std::mem::take(&mut s.response_body) }
+                if paused {
+                    Vec::new()
+                } else {
+                    std::mem::take(&mut s.response_body)
+                }
             }
         };
         let meta = self.meta_mut(id);
@@ -625,7 +675,11 @@ impl Plugin {
             data.trailers.len() as u32,
         );
         self.with_call(call.context_id, data, |p| {
-            p.invoke("proxy_on_http_call_response", p.cb.http_call_response.clone(), args)
+            p.invoke(
+                "proxy_on_http_call_response",
+                p.cb.http_call_response.clone(),
+                args,
+            )
         })
     }
 
@@ -648,7 +702,10 @@ impl Plugin {
     pub fn grpc_initial_metadata(&mut self, token: u32, md: Headers) -> Result<(), HostError> {
         let ctx = self.grpc_context(token)?;
         let args = (ctx, token, md.len() as u32);
-        let data = CallData { headers: md, ..CallData::default() };
+        let data = CallData {
+            headers: md,
+            ..CallData::default()
+        };
         self.with_call(ctx, data, |p| {
             p.invoke(
                 "proxy_on_grpc_receive_initial_metadata",
@@ -672,15 +729,23 @@ impl Plugin {
             self.store.data_mut().grpc_callouts.remove(&token);
         }
         let args = (ctx, token, message.len() as u32);
-        let data = CallData { body: message.to_vec(), ..CallData::default() };
-        self.with_call(ctx, data, |p| p.invoke("proxy_on_grpc_receive", p.cb.grpc_receive.clone(), args))
+        let data = CallData {
+            body: message.to_vec(),
+            ..CallData::default()
+        };
+        self.with_call(ctx, data, |p| {
+            p.invoke("proxy_on_grpc_receive", p.cb.grpc_receive.clone(), args)
+        })
     }
 
     /// Delivers trailing metadata on a gRPC stream.
     pub fn grpc_trailing_metadata(&mut self, token: u32, md: Headers) -> Result<(), HostError> {
         let ctx = self.grpc_context(token)?;
         let args = (ctx, token, md.len() as u32);
-        let data = CallData { trailers: md, ..CallData::default() };
+        let data = CallData {
+            trailers: md,
+            ..CallData::default()
+        };
         self.with_call(ctx, data, |p| {
             p.invoke(
                 "proxy_on_grpc_receive_trailing_metadata",
@@ -699,7 +764,11 @@ impl Plugin {
             ..CallData::default()
         };
         self.with_call(ctx, data, |p| {
-            p.invoke("proxy_on_grpc_close", p.cb.grpc_close.clone(), (ctx, token, status))
+            p.invoke(
+                "proxy_on_grpc_close",
+                p.cb.grpc_close.clone(),
+                (ctx, token, status),
+            )
         })
     }
 

@@ -1,6 +1,8 @@
 //! Host semantics, driven through the fixture plugin (host/fixture, built to
 //! target/plugins/host-fixture.wasm by scripts/build-plugins.sh).
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -25,8 +27,11 @@ fn fixture() -> (Host, Module) {
 /// A fresh VM in its own `vm_id` group (tests run in parallel).
 fn start(vm_id: &str, config: &str) -> Plugin {
     let (host, module) = fixture();
-    host.start(&module, PluginConfig::new(vm_id, config.as_bytes()).root_id("fixture"))
-        .expect("fixture starts")
+    host.start(
+        &module,
+        PluginConfig::new(vm_id, config.as_bytes()).root_id("fixture"),
+    )
+    .expect("fixture starts")
 }
 
 fn op(op: &str) -> HttpRequest {
@@ -79,18 +84,35 @@ fn shared_data_cas_conflict_between_two_vms_of_one_vm_id() {
         .unwrap();
     let read_a = a.send(op("get").header("x-key", "k")).unwrap();
     let read_b = b.send(op("get").header("x-key", "k")).unwrap();
-    assert_eq!(read_b.request_headers.get("x-value"), Some("v1"), "VMs of one vm_id share data");
+    assert_eq!(
+        read_b.request_headers.get("x-value"),
+        Some("v1"),
+        "VMs of one vm_id share data"
+    );
     let cas = read_a.request_headers.get("x-cas").unwrap().to_owned();
     assert_eq!(read_b.request_headers.get("x-cas"), Some(cas.as_str()));
 
     let w = a
-        .send(op("set").header("x-key", "k").header("x-value", "from-a").header("x-cas", &cas))
+        .send(
+            op("set")
+                .header("x-key", "k")
+                .header("x-value", "from-a")
+                .header("x-cas", &cas),
+        )
         .unwrap();
     assert_eq!(w.request_headers.get("x-status"), Some("Ok(())"));
     let stale = b
-        .send(op("set").header("x-key", "k").header("x-value", "from-b").header("x-cas", &cas))
+        .send(
+            op("set")
+                .header("x-key", "k")
+                .header("x-value", "from-b")
+                .header("x-cas", &cas),
+        )
         .unwrap();
-    assert_eq!(stale.request_headers.get("x-status"), Some("Err(CasMismatch)"));
+    assert_eq!(
+        stale.request_headers.get("x-status"),
+        Some("Err(CasMismatch)")
+    );
     assert_eq!(a.shared().get("k").unwrap().0, b"from-a");
 
     // Another vm_id does not see it.
@@ -113,7 +135,12 @@ fn queue_items_reach_the_registering_vm_in_order() {
     owner.poll().unwrap();
     let got = owner.shared().get("fixture.dequeued").map(|v| v.0);
     assert_eq!(got.as_deref(), Some(&b"one\ntwo\nthree\n"[..]));
-    assert!(sender.logs().iter().any(|l| l.message == "fixture: dequeued two"));
+    assert!(
+        sender
+            .logs()
+            .iter()
+            .any(|l| l.message == "fixture: dequeued two")
+    );
 }
 
 #[test]
@@ -129,7 +156,10 @@ fn ticks_follow_the_virtual_clock() {
     assert_eq!(p.shared().get("fixture.ticks").unwrap().0, b"2");
     p.advance(Duration::from_secs(1)).unwrap();
     assert_eq!(p.shared().get("fixture.ticks").unwrap().0, b"3");
-    assert_eq!(p.shared().metric("fixture_ticks"), Some(MetricValue::Counter(3)));
+    assert_eq!(
+        p.shared().metric("fixture_ticks"),
+        Some(MetricValue::Counter(3))
+    );
 }
 
 #[test]
@@ -179,7 +209,10 @@ fn failed_callout_is_reported_to_the_plugin() {
 fn callout_to_an_unknown_cluster_is_refused() {
     let (host, module) = fixture();
     let mut p = host
-        .start(&module, PluginConfig::new("clusters", b"").clusters(&["other"]))
+        .start(
+            &module,
+            PluginConfig::new("clusters", b"").clusters(&["other"]),
+        )
         .unwrap();
     let out = p.send(op("callout")).unwrap();
     assert_eq!(out.request_headers.get("x-status"), Some("BadArgument"));
@@ -195,7 +228,11 @@ fn grpc_stream_messages_flow_both_ways() {
     let call = &calls[0];
     assert!(call.streaming);
     assert_eq!(
-        (call.upstream.as_str(), call.service.as_str(), call.method.as_str()),
+        (
+            call.upstream.as_str(),
+            call.service.as_str(),
+            call.method.as_str()
+        ),
         ("control", "kvmesh.v1.ReplicaState", "Report")
     );
     assert_eq!(call.sent, vec![b"hello".to_vec()]);
@@ -206,10 +243,10 @@ fn grpc_stream_messages_flow_both_ways() {
     assert!(p.grpc_callouts().is_empty());
     let out = p.finish(id, None).unwrap();
     assert_eq!(out.request_headers.get("x-grpc-message"), Some("welcome"));
-    assert!(p
-        .logs()
-        .iter()
-        .any(|l| l.message.contains(&format!("grpc stream {} closed with 14", call.token))));
+    assert!(p.logs().iter().any(|l| {
+        l.message
+            .contains(&format!("grpc stream {} closed with 14", call.token))
+    }));
 }
 
 #[test]
@@ -237,10 +274,11 @@ fn a_panicking_plugin_is_an_error_not_a_host_panic() {
         other => panic!("expected a trap, got {other:?}"),
     }
     // The SDK's panic hook logged the panic message at critical level first.
-    assert!(p
-        .logs()
-        .iter()
-        .any(|l| l.level == 5 && l.message.contains("deliberate panic")));
+    assert!(
+        p.logs()
+            .iter()
+            .any(|l| l.level == 5 && l.message.contains("deliberate panic"))
+    );
     assert!(p.is_poisoned());
     assert!(matches!(
         p.send(op("echo")),
@@ -248,7 +286,10 @@ fn a_panicking_plugin_is_an_error_not_a_host_panic() {
     ));
     // Other VMs of the same module keep working.
     let mut fresh = start("panic", "");
-    assert_eq!(fresh.send(op("echo")).unwrap().state, RequestState::Forwarded);
+    assert_eq!(
+        fresh.send(op("echo")).unwrap().state,
+        RequestState::Forwarded
+    );
 }
 
 #[test]
@@ -275,7 +316,10 @@ fn rejected_configuration_is_an_error_and_reconfigure_works() {
         .unwrap_err();
     assert!(matches!(err, HostError::Rejected("plugin")), "{err}");
     let mut p = start("reconfigure", "");
-    assert!(matches!(p.configure(b"reject"), Err(HostError::Rejected("plugin"))));
+    assert!(matches!(
+        p.configure(b"reject"),
+        Err(HostError::Rejected("plugin"))
+    ));
     p.configure(b"tick").unwrap();
     assert_eq!(p.tick_period(), Duration::from_secs(1));
 }
@@ -300,23 +344,27 @@ fn bad_modules_are_errors() {
     let no_abi = wat(r#"(module (memory (export "memory") 1))"#);
     let err = host.load(&no_abi).unwrap_err();
     assert!(err.to_string().contains("proxy_abi_version_0_2_1"), "{err}");
-    let unknown_import = wat(
-        r#"(module (import "env" "proxy_teleport" (func))
+    let unknown_import = wat(r#"(module (import "env" "proxy_teleport" (func))
                    (memory (export "memory") 1)
-                   (func (export "proxy_abi_version_0_2_1")))"#,
-    );
+                   (func (export "proxy_abi_version_0_2_1")))"#);
     let err = host.load(&unknown_import).unwrap_err();
     assert!(err.to_string().contains("proxy_teleport"), "{err}");
-    let traps_on_start = wat(
-        r#"(module (memory (export "memory") 1)
+    let traps_on_start = wat(r#"(module (memory (export "memory") 1)
                    (func (export "proxy_abi_version_0_2_1"))
                    (func (export "malloc") (param i32) (result i32) i32.const 0)
-                   (func (export "proxy_on_vm_start") (param i32 i32) (result i32) unreachable))"#,
-    );
+                   (func (export "proxy_on_vm_start") (param i32 i32) (result i32) unreachable))"#);
     let module = host.load(&traps_on_start).unwrap();
-    let err = host.start(&module, PluginConfig::new("t", b"")).unwrap_err();
+    let err = host
+        .start(&module, PluginConfig::new("t", b""))
+        .unwrap_err();
     assert!(
-        matches!(err, HostError::Trap { callback: "proxy_on_vm_start", .. }),
+        matches!(
+            err,
+            HostError::Trap {
+                callback: "proxy_on_vm_start",
+                ..
+            }
+        ),
         "{err}"
     );
 }

@@ -96,7 +96,10 @@ fn bench(c: &mut Criterion) {
         }
         let config = kvmesh_host_sim::default_plugin_config(POOL, 256);
         let mut plugin = host
-            .start(&module, PluginConfig::new(&vm_id, config.as_bytes()).root_id(name))
+            .start(
+                &module,
+                PluginConfig::new(&vm_id, config.as_bytes()).root_id(name),
+            )
             .expect("plugin starts");
         let mut i = 0usize;
         group.bench_function(format!("{name}/wasm"), |b| {
@@ -124,7 +127,13 @@ fn bench(c: &mut Criterion) {
                     prompt_bytes: p.canonical[0].len(),
                 };
                 let choice = policy.select(&snapshot, &request);
-                policy.observe(&snapshot, &Event::Routed { request: &request, choice: &choice });
+                policy.observe(
+                    &snapshot,
+                    &Event::Routed {
+                        request: &request,
+                        choice: &choice,
+                    },
+                );
                 black_box(choice.primary)
             })
         });

@@ -177,7 +177,11 @@ struct Replica {
 impl Replica {
     fn load(&mut self, now_us: f64, capacity: [usize; 3]) -> proto::Load {
         self.inflight.retain(|f| f.finish_us > now_us);
-        let waiting: Vec<&InFlight> = self.inflight.iter().filter(|f| f.start_us > now_us).collect();
+        let waiting: Vec<&InFlight> = self
+            .inflight
+            .iter()
+            .filter(|f| f.start_us > now_us)
+            .collect();
         let used = self.cache.used();
         proto::Load {
             waiting: waiting.len() as u32,
@@ -372,7 +376,8 @@ fn run_one(
         let prefill_end = start + uncached * cfg.prefill_us_per_token + fetch_us;
         rep.prefill_free_us = prefill_end;
         let first_token = prefill_end + cfg.decode_us_per_token;
-        let finish = first_token + f64::from(r.output_tokens.saturating_sub(1)) * cfg.decode_us_per_token;
+        let finish =
+            first_token + f64::from(r.output_tokens.saturating_sub(1)) * cfg.decode_us_per_token;
         rep.inflight.push(InFlight {
             start_us: start,
             finish_us: finish,

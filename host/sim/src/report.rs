@@ -103,7 +103,14 @@ impl Report {
         );
         s.push_str(&format!(
             "{:<16} {:>8} {:>9} {:>8} {:>9} {:>12} {:>12} {:>9}\n",
-            "plugin", "cached", "of oracle", "max load", "mean load", "TTFT p50 ms", "TTFT p99 ms", "fallback"
+            "plugin",
+            "cached",
+            "of oracle",
+            "max load",
+            "mean load",
+            "TTFT p50 ms",
+            "TTFT p99 ms",
+            "fallback"
         ));
         for p in &self.plugins {
             s.push_str(&format!(
@@ -154,7 +161,12 @@ impl Report {
                 "simulated TTFT ms (p50, p99)",
                 top,
                 n,
-                |p| vec![(p.ttft_p50_ms, GREEN.mix(0.7)), (p.ttft_p99_ms, RED.mix(0.7))],
+                |p| {
+                    vec![
+                        (p.ttft_p50_ms, GREEN.mix(0.7)),
+                        (p.ttft_p99_ms, RED.mix(0.7)),
+                    ]
+                },
                 None,
             )?;
             root.present().map_err(|e| e.to_string())?;
@@ -183,8 +195,12 @@ impl Report {
         let y_of = |v: f64| y1 - ((v / top).clamp(0.0, 1.0) * f64::from(y1 - y0)) as i32;
         for i in 0..=4 {
             let v = top * f64::from(i) / 4.0;
-            area.draw(&Text::new(format!("{v:.2}"), (2, y_of(v) - 6), ("sans-serif", 11)))
-                .map_err(e)?;
+            area.draw(&Text::new(
+                format!("{v:.2}"),
+                (2, y_of(v) - 6),
+                ("sans-serif", 11),
+            ))
+            .map_err(e)?;
         }
         let group = f64::from(x1 - x0) / n;
         for (i, p) in self.plugins.iter().enumerate() {
@@ -193,13 +209,24 @@ impl Report {
             let bw = ((group * 0.7) / bs.len().max(1) as f64) as i32;
             for (j, (v, color)) in bs.into_iter().enumerate() {
                 let bx = gx + (group * 0.15) as i32 + j as i32 * bw;
-                area.draw(&Rectangle::new([(bx, y_of(v)), (bx + bw - 2, y1)], color.filled()))
-                    .map_err(e)?;
-                area.draw(&Text::new(format!("{v:.2}"), (bx, y_of(v) - 14), ("sans-serif", 10)))
-                    .map_err(e)?;
-            }
-            area.draw(&Text::new(p.name.clone(), (gx + 4, y1 + 8), ("sans-serif", 12)))
+                area.draw(&Rectangle::new(
+                    [(bx, y_of(v)), (bx + bw - 2, y1)],
+                    color.filled(),
+                ))
                 .map_err(e)?;
+                area.draw(&Text::new(
+                    format!("{v:.2}"),
+                    (bx, y_of(v) - 14),
+                    ("sans-serif", 10),
+                ))
+                .map_err(e)?;
+            }
+            area.draw(&Text::new(
+                p.name.clone(),
+                (gx + 4, y1 + 8),
+                ("sans-serif", 12),
+            ))
+            .map_err(e)?;
         }
         if let Some(v) = line {
             let y = y_of(v);

@@ -1,6 +1,8 @@
 //! The simulator on tiny traces whose right answer is worked out by hand,
 //! with the real plugins from target/plugins (scripts/build-plugins.sh).
 
+#![allow(clippy::unwrap_used)]
+
 use kvmesh_host_sim::{PluginSpec, SimConfig, simulate};
 use kvmesh_host_trace::TraceRequest;
 use kvmesh_plugins_sdk::prompt::render_message;
@@ -9,8 +11,8 @@ use serde_json::json;
 const MODEL: &str = "tiny-model";
 
 fn plugin(name: &str) -> PluginSpec {
-    let wasm = kvmesh_host_runtime::locate_plugin(name)
-        .unwrap_or_else(|e| panic!("plugin {name}: {e}"));
+    let wasm =
+        kvmesh_host_runtime::locate_plugin(name).unwrap_or_else(|e| panic!("plugin {name}: {e}"));
     PluginSpec {
         name: name.to_owned(),
         wasm,
@@ -67,16 +69,28 @@ fn one_tenant_two_replicas_prefix_aware_hits_after_the_first_round_robin_after_t
     )
     .unwrap();
     let oracle = (n - 1) as f64 * hit / total;
-    assert!((report.oracle_ratio - oracle).abs() < 1e-9, "{}", report.table());
+    assert!(
+        (report.oracle_ratio - oracle).abs() < 1e-9,
+        "{}",
+        report.table()
+    );
 
     let rr = &report.plugins[0];
     // Each replica's first request misses, every later one hits.
     assert_eq!(rr.served, vec![5, 5], "{}", report.table());
-    assert!((rr.cached_tokens - (n - 2) as f64 * hit).abs() < 1e-9, "{}", report.table());
+    assert!(
+        (rr.cached_tokens - (n - 2) as f64 * hit).abs() < 1e-9,
+        "{}",
+        report.table()
+    );
     assert!((rr.cached_ratio - (n - 2) as f64 * hit / total).abs() < 1e-9);
 
     let pa = &report.plugins[1];
-    assert!((pa.cached_tokens - (n - 1) as f64 * hit).abs() < 1e-9, "{}", report.table());
+    assert!(
+        (pa.cached_tokens - (n - 1) as f64 * hit).abs() < 1e-9,
+        "{}",
+        report.table()
+    );
     assert!((pa.fraction_of_oracle - 1.0).abs() < 1e-9);
     assert_eq!(pa.fallbacks, 0);
     assert_eq!(rr.fallbacks, 0);
@@ -90,7 +104,8 @@ fn ttft_follows_the_cost_model_without_queueing() {
     let p = &report.plugins[0];
     // First request: all 205 tokens prefilled; later ones: 205 - 128.
     let miss_ms = (prompt_tokens * cfg.prefill_us_per_token + cfg.decode_us_per_token) / 1000.0;
-    let hit_ms = ((prompt_tokens - 128.0) * cfg.prefill_us_per_token + cfg.decode_us_per_token) / 1000.0;
+    let hit_ms =
+        ((prompt_tokens - 128.0) * cfg.prefill_us_per_token + cfg.decode_us_per_token) / 1000.0;
     assert!((p.ttft_p50_ms - hit_ms).abs() < 1e-6, "{p:?}");
     assert!((p.ttft_p99_ms - miss_ms).abs() < 1e-6, "{p:?}");
 }

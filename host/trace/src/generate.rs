@@ -69,11 +69,58 @@ impl Default for Arrivals {
 }
 
 const WORDS: &[&str] = &[
-    "the", "cache", "routing", "replica", "prefix", "token", "model", "request", "latency",
-    "kernel", "gateway", "memory", "tier", "device", "host", "disk", "batch", "decode", "prefill",
-    "queue", "policy", "envoy", "filter", "chunk", "hash", "score", "load", "cluster", "answer",
-    "question", "document", "tenant", "session", "system", "user", "assistant", "of", "and", "to",
-    "in", "is", "for", "with", "on", "that", "by", "as", "from", "at", "an", "be", "this",
+    "the",
+    "cache",
+    "routing",
+    "replica",
+    "prefix",
+    "token",
+    "model",
+    "request",
+    "latency",
+    "kernel",
+    "gateway",
+    "memory",
+    "tier",
+    "device",
+    "host",
+    "disk",
+    "batch",
+    "decode",
+    "prefill",
+    "queue",
+    "policy",
+    "envoy",
+    "filter",
+    "chunk",
+    "hash",
+    "score",
+    "load",
+    "cluster",
+    "answer",
+    "question",
+    "document",
+    "tenant",
+    "session",
+    "system",
+    "user",
+    "assistant",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "for",
+    "with",
+    "on",
+    "that",
+    "by",
+    "as",
+    "from",
+    "at",
+    "an",
+    "be",
+    "this",
 ];
 
 fn text(rng: &mut ChaCha8Rng, bytes: usize) -> String {
@@ -92,6 +139,9 @@ fn text(rng: &mut ChaCha8Rng, bytes: usize) -> String {
     s
 }
 
+/// A chat session: id, history of (role, text), turns taken.
+type Session = (u64, Vec<(String, String)>, u32);
+
 /// Picks 0..n with weight 1/(k+1).
 fn zipf(rng: &mut ChaCha8Rng, n: u32) -> u32 {
     let n = n.max(1);
@@ -107,12 +157,7 @@ fn zipf(rng: &mut ChaCha8Rng, n: u32) -> u32 {
 }
 
 /// Generates `requests` requests of `workload` for `model`.
-pub fn generate(
-    workload: &Workload,
-    requests: usize,
-    model: &str,
-    seed: u64,
-) -> Vec<TraceRequest> {
+pub fn generate(workload: &Workload, requests: usize, model: &str, seed: u64) -> Vec<TraceRequest> {
     generate_with(workload, requests, model, seed, &Arrivals::default())
 }
 
@@ -154,7 +199,7 @@ pub fn generate_with(
         _ => Vec::new(),
     };
     // Multi-turn sessions: (id, history of (role, text), turns taken).
-    let mut sessions: Vec<(u64, Vec<(String, String)>, u32)> = Vec::new();
+    let mut sessions: Vec<Session> = Vec::new();
     let mut next_session = 0u64;
 
     for _ in 0..requests {
@@ -198,11 +243,10 @@ pub fn generate_with(
                 let reply = text(&mut rng, *reply_bytes);
                 let s = &mut sessions[i];
                 s.1.push(("user".to_owned(), turn));
-                let messages: Vec<_> = s
-                    .1
-                    .iter()
-                    .map(|(role, content)| json!({"role": role, "content": content}))
-                    .collect();
+                let messages: Vec<_> =
+                    s.1.iter()
+                        .map(|(role, content)| json!({"role": role, "content": content}))
+                        .collect();
                 s.1.push(("assistant".to_owned(), reply));
                 s.2 += 1;
                 let tag = format!("session-{}", s.0);
@@ -223,7 +267,10 @@ pub fn generate_with(
             } => {
                 let d = zipf(&mut rng, *documents);
                 let q = text(&mut rng, *question_bytes);
-                let prompt = format!("Document:\n{}\n\nQuestion: {q}\nAnswer:", shared[d as usize]);
+                let prompt = format!(
+                    "Document:\n{}\n\nQuestion: {q}\nAnswer:",
+                    shared[d as usize]
+                );
                 (
                     "/v1/completions",
                     json!({"model": model, "prompt": prompt, "max_tokens": output_tokens}),
@@ -272,7 +319,10 @@ mod tests {
         let t = generate(&w, 50, "m", 3);
         let mut seen = std::collections::HashMap::new();
         for r in &t {
-            let sys = r.body["messages"][0]["content"].as_str().unwrap().to_owned();
+            let sys = r.body["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned();
             assert_eq!(sys.len(), 300);
             let prev = seen.insert(r.tag.clone().unwrap(), sys.clone());
             if let Some(prev) = prev {

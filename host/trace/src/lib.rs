@@ -105,7 +105,10 @@ pub fn read_jsonl(r: impl BufRead) -> Result<Vec<TraceRequest>, TraceError> {
                 req.at_ms, prev.at_ms
             )));
         }
-        if !matches!(req.path.as_str(), "/v1/completions" | "/v1/chat/completions") {
+        if !matches!(
+            req.path.as_str(),
+            "/v1/completions" | "/v1/chat/completions"
+        ) {
             return Err(bad(format!("unknown path {:?}", req.path)));
         }
         if !req.body.is_object() {
@@ -131,7 +134,8 @@ mod tests {
                           {\"at_ms\":4,\"path\":\"/v1/completions\",\"body\":{},\"output_tokens\":1}\n";
         let err = read_jsonl(&backwards[..]).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
-        let bad_path = b"# comment\n{\"at_ms\":1,\"path\":\"/v2/x\",\"body\":{},\"output_tokens\":1}\n";
+        let bad_path =
+            b"# comment\n{\"at_ms\":1,\"path\":\"/v2/x\",\"body\":{},\"output_tokens\":1}\n";
         let err = read_jsonl(&bad_path[..]).unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("/v2/x"), "{err}");
         let not_json = b"{\"at_ms\":1,";
