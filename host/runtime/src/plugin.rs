@@ -458,6 +458,16 @@ impl Plugin {
         })
     }
 
+    /// The request headers of an open stream as they stand now (what would
+    /// go upstream once it is forwarded).
+    pub fn request_headers(&self, id: u32) -> Option<&Headers> {
+        self.store
+            .data()
+            .streams
+            .get(&id)
+            .map(|s| &s.request_headers)
+    }
+
     /// Ends a stream: replays `response` through the response callbacks if
     /// the request was forwarded, then runs done, log and delete.
     pub fn finish(

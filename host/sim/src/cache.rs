@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 pub type TierIx = usize;
 
 /// Number of residency shards per replica (changes touch one small shard).
-pub const SHARDS: u32 = 16;
+pub const SHARDS: u32 = 64;
 
 /// A tiered LRU of chunk hashes.
 #[derive(Debug)]
@@ -20,6 +20,8 @@ pub struct TieredCache {
     clock: u64,
     /// Shards whose content changed since the last `take_dirty`.
     dirty: [bool; SHARDS as usize],
+    /// Chunks per shard, so publishing a shard does not scan the cache.
+    by_shard: Vec<std::collections::HashSet<u64>>,
 }
 
 impl TieredCache {
@@ -31,6 +33,7 @@ impl TieredCache {
             lru: Default::default(),
             clock: 0,
             dirty: [false; SHARDS as usize],
+            by_shard: vec![Default::default(); SHARDS as usize],
         }
     }
 
@@ -57,7 +60,9 @@ impl TieredCache {
     fn remove(&mut self, c: u64) -> Option<TierIx> {
         let (t, stamp) = self.where_.remove(&c)?;
         self.lru[t].remove(&stamp);
-        self.dirty[(c % u64::from(SHARDS)) as usize] = true;
+        let s = (c % u64::from(SHARDS)) as usize;
+        self.dirty[s] = true;
+        self.by_shard[s].remove(&c);
         Some(t)
     }
 
@@ -72,12 +77,16 @@ impl TieredCache {
         self.clock += 1;
         self.where_.insert(c, (tier, self.clock));
         self.lru[tier].insert(self.clock, c);
-        self.dirty[(c % u64::from(SHARDS)) as usize] = true;
+        let s = (c % u64::from(SHARDS)) as usize;
+        self.dirty[s] = true;
+        self.by_shard[s].insert(c);
         if self.lru[tier].len() > self.capacity[tier]
             && let Some((_, victim)) = self.lru[tier].pop_first()
         {
             self.where_.remove(&victim);
-            self.dirty[(victim % u64::from(SHARDS)) as usize] = true;
+            let s = (victim % u64::from(SHARDS)) as usize;
+            self.dirty[s] = true;
+            self.by_shard[s].remove(&victim);
             if tier + 1 < 3 {
                 self.put(victim, tier + 1);
             }
@@ -99,9 +108,12 @@ impl TieredCache {
     /// The chunks of one shard, per tier.
     pub fn shard(&self, shard: u32) -> [Vec<u64>; 3] {
         let mut out: [Vec<u64>; 3] = Default::default();
-        for (&c, &(t, _)) in &self.where_ {
-            if c % u64::from(SHARDS) == u64::from(shard) {
-                out[t].push(c);
+        let Some(chunks) = self.by_shard.get(shard as usize) else {
+            return out;
+        };
+        for c in chunks {
+            if let Some(&(t, _)) = self.where_.get(c) {
+                out[t].push(*c);
             }
         }
         for v in &mut out {

@@ -11,7 +11,9 @@
 //! 2. moves the VMs' virtual clock to the arrival time (ticks fire);
 //! 3. sends the request through a worker VM and reads the chosen endpoint
 //!    from `x-gateway-destination-endpoint` (an absent or unknown endpoint
-//!    falls back to round-robin, as Envoy's `override_host` does);
+//!    falls back to round-robin, as Envoy's `override_host` does); the
+//!    stream stays open until the simulated response ends, so the plugin's
+//!    own in-flight counts (prefix-aware's load bound) see real concurrency;
 //! 4. serves it on that replica: the resident prefix (per tier) is reused,
 //!    the rest is prefilled, then the prompt's chunks are made resident.
 //!
@@ -31,7 +33,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kvmesh_host_runtime::{Host, HostError, HttpRequest, PluginConfig};
+use kvmesh_host_runtime::{Host, HostError, HttpRequest, HttpResponse, PluginConfig};
 use kvmesh_host_trace::TraceRequest;
 use kvmesh_plugins_sdk::chunk::chunk_hashes;
 use kvmesh_plugins_sdk::prompt::{Api, parse};
@@ -327,6 +329,8 @@ fn run_one(
     let mut next_publish_us = interval_us;
     let mut clock_us = 0.0f64;
     let mut rotation = 0usize;
+    let mut open: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize, u32)>> =
+        std::collections::BinaryHeap::new();
     let mut ttfts = Vec::with_capacity(reqs.len());
     let (mut cached_total, mut fallbacks, mut errors) = (0.0, 0u64, 0u64);
     for (n, r) in reqs.iter().enumerate() {
@@ -340,18 +344,32 @@ fn run_one(
             w.advance(Duration::from_nanos((step * 1000.0) as u64))
                 .map_err(err)?;
         }
-        let worker = &mut workers[n % cfg.workers];
+        // Streams end when their response would: the plugin sees requests
+        // in flight exactly as long as the simulated replica works on them.
+        while let Some(&std::cmp::Reverse((end, w, id))) = open.peek() {
+            if f64::from_bits(end) > r.at_us {
+                break;
+            }
+            open.pop();
+            workers[w]
+                .finish(id, Some(HttpResponse::new(200, b"{}")))
+                .map_err(err)?;
+        }
+        let w = n % cfg.workers;
         let req = HttpRequest::post_json(&r.path, &r.body);
-        let chosen = match worker.send(req) {
-            Ok(out) => out
-                .request_headers
-                .get(DESTINATION_HEADER)
-                .and_then(|v| v.split(',').next())
-                .and_then(|primary| by_address.get(primary.trim()).copied()),
+        let (stream, chosen) = match workers[w].begin(req) {
+            Ok(id) => (
+                Some(id),
+                workers[w]
+                    .request_headers(id)
+                    .and_then(|h| h.get(DESTINATION_HEADER))
+                    .and_then(|v| v.split(',').next())
+                    .and_then(|primary| by_address.get(primary.trim()).copied()),
+            ),
             Err(e @ HostError::Trap { .. }) => return Err(err(e)),
             Err(_) => {
                 errors += 1;
-                None
+                (None, None)
             }
         };
         let idx = match chosen {
@@ -384,6 +402,11 @@ fn run_one(
             uncached_tokens: uncached,
         });
         rep.cache.insert(&r.chunks);
+        if let Some(id) = stream {
+            // Finish times are non-negative, so their bit patterns sort as
+            // the numbers do.
+            open.push(std::cmp::Reverse((finish.max(0.0).to_bits(), w, id)));
+        }
         cached_total += cached;
         ttfts.push((first_token - r.at_us) / 1000.0);
     }
