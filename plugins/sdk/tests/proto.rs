@@ -15,7 +15,10 @@ fn generated_proto_matches_committed() {
     config.protoc_executable(protoc);
     config.out_dir(&out);
     config
-        .compile_protos(&[root.join("proto/kvmesh/v1/state.proto")], &[root.join("proto")])
+        .compile_protos(
+            &[root.join("proto/kvmesh/v1/state.proto")],
+            &[root.join("proto")],
+        )
         .expect("compile state.proto");
     let generated = std::fs::read_to_string(out.join("kvmesh.v1.rs")).expect("generated file");
     let committed_path = root.join("src/proto/kvmesh.v1.rs");

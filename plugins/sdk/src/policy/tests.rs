@@ -1,0 +1,386 @@
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+
+use super::testing::{chain, pool, replica};
+use super::*;
+use crate::proto::Tier;
+
+fn route(p: &mut dyn Policy, s: &Snapshot, chunks: &[u64]) -> Choice {
+    let req = Request {
+        chunks,
+        prompt_bytes: chunks.len() * 256,
+    };
+    let choice = p.select(s, &req);
+    p.observe(
+        s,
+        &Event::Routed {
+            request: &req,
+            choice: &choice,
+        },
+    );
+    choice
+}
+
+fn id(s: &Snapshot, r: Option<ReplicaRef>) -> String {
+    s.get(r.unwrap()).unwrap().id.clone()
+}
+
+#[test]
+fn round_robin_spreads_evenly() {
+    let s = pool(4);
+    let mut p = RoundRobin::default();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..400 {
+        let c = route(&mut p, &s, &[]);
+        assert_eq!(c.fallbacks.len(), 2);
+        assert!(!c.fallbacks.contains(&c.primary.unwrap()));
+        *counts.entry(id(&s, c.primary)).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 4);
+    assert!(counts.values().all(|&n| n == 100), "{counts:?}");
+}
+
+#[test]
+fn empty_pool_chooses_nothing() {
+    let s = pool(0);
+    for p in [
+        &RoundRobin::default() as &dyn Policy,
+        &PrefixAware::default(),
+        &KvAware::default(),
+    ] {
+        let c = p.select(
+            &s,
+            &Request {
+                chunks: &[1],
+                prompt_bytes: 256,
+            },
+        );
+        assert_eq!(c, Choice::none());
+    }
+}
+
+#[test]
+fn prefix_aware_keeps_shared_prefix_together_sequentially() {
+    let s = pool(4);
+    let mut p = PrefixAware::default();
+    let mut by_tenant: HashMap<u64, String> = HashMap::new();
+    for round in 0..20u64 {
+        for tenant in 0..8u64 {
+            let c = route(&mut p, &s, &chain(tenant, 4, round * 100 + tenant, 6));
+            let r = c.primary.unwrap();
+            p.observe(&s, &Event::Finished { replica: r });
+            let at = id(&s, Some(r));
+            let first = by_tenant.entry(tenant).or_insert_with(|| at.clone());
+            assert_eq!(*first, at, "tenant {tenant} moved in round {round}");
+            if round > 0 {
+                assert_eq!(c.reason, Reason::Affinity);
+                assert_eq!(c.matched_chunks, 4);
+            }
+        }
+    }
+    // Eight tenants over four replicas by rendezvous: more than one used.
+    let used: std::collections::HashSet<_> = by_tenant.values().collect();
+    assert!(used.len() > 1, "{by_tenant:?}");
+}
+
+#[test]
+fn prefix_aware_spills_a_hot_prefix_within_the_bound() {
+    let s = pool(4);
+    let mut p = PrefixAware::default();
+    let mut held = Vec::new();
+    // 40 concurrent requests of one prefix, none finishing.
+    for i in 0..40u64 {
+        let bound = p.load_bound(&s);
+        let c = route(&mut p, &s, &chain(1, 4, i, 5));
+        let r = c.primary.unwrap();
+        assert!(
+            p.in_flight(r) <= bound,
+            "request {i}: {} > {bound}",
+            p.in_flight(r)
+        );
+        held.push(r);
+    }
+    let mut per: HashMap<ReplicaRef, u64> = HashMap::new();
+    for r in held {
+        *per.entry(r).or_default() += 1;
+    }
+    assert_eq!(per.len(), 4, "a hot prefix must spread: {per:?}");
+    assert!(per.values().all(|&n| n <= 13), "{per:?}");
+}
+
+#[test]
+fn prefix_aware_new_prefix_placement_agrees_across_instances() {
+    // Two worker VMs with separate tables place a new prefix identically.
+    let s = pool(8);
+    let a = PrefixAware::default();
+    let b = PrefixAware::default();
+    for t in 0..50 {
+        let ch = chain(t, 3, t, 3);
+        let req = Request {
+            chunks: &ch,
+            prompt_bytes: 768,
+        };
+        assert_eq!(a.select(&s, &req).primary, b.select(&s, &req).primary);
+    }
+}
+
+#[test]
+fn prefix_aware_forgets_removed_replicas() {
+    let mut s = pool(3);
+    let mut p = PrefixAware::default();
+    let ch = chain(9, 4, 9, 4);
+    let first = route(&mut p, &s, &ch).primary.unwrap();
+    let gone = s.get(first).unwrap().id.clone();
+    s.remove(&gone);
+    s.upsert(&replica(7, 0)); // may reuse the slot
+    let c = route(&mut p, &s, &ch);
+    assert_ne!(id(&s, c.primary), gone);
+    assert!(c.endpoints().all(|r| s.get(r).is_some()));
+}
+
+fn kv_pool() -> Snapshot {
+    let mut s = pool(3);
+    let ch = chain(5, 8, 5, 8);
+    s.add_resident("r1", Tier::Device as i32, &ch[..6]);
+    s.add_resident("r2", Tier::Disk as i32, &ch);
+    s
+}
+
+#[test]
+fn kv_aware_follows_the_resident_prefix() {
+    let s = kv_pool();
+    let p = KvAware::default();
+    let ch = chain(5, 8, 5, 8);
+    let c = p.select(
+        &s,
+        &Request {
+            chunks: &ch,
+            prompt_bytes: 8 * 256,
+        },
+    );
+    // r1: 6 device chunks = 6*64*1.0 = 384 tokens; r2: 8 disk chunks = 8*64*0.4 = 204.8.
+    assert_eq!(id(&s, c.primary), "r1");
+    assert_eq!(c.matched_chunks, 6);
+    assert_eq!(c.reason, Reason::Resident);
+    assert_eq!(id(&s, c.fallbacks.first().copied()), "r2");
+}
+
+#[test]
+fn kv_aware_moves_off_a_replica_with_high_queued_prefill() {
+    let mut s = kv_pool();
+    let p = KvAware::default();
+    let ch = chain(5, 8, 5, 8);
+    let req = Request {
+        chunks: &ch,
+        prompt_bytes: 8 * 256,
+    };
+    // A queue a bit shorter than what r1 saves over r2: r1 still wins ...
+    s.upsert(&replica(1, 150));
+    assert_eq!(id(&s, p.select(&s, &req).primary), "r1");
+    // ... a longer one tips it, smoothly, to the disk copy on r2.
+    s.upsert(&replica(1, 200));
+    assert_eq!(id(&s, p.select(&s, &req).primary), "r2");
+    // And a long queue everywhere with residency leaves the idle replica best.
+    s.upsert(&replica(2, 10_000));
+    s.upsert(&replica(1, 10_000));
+    assert_eq!(id(&s, p.select(&s, &req).primary), "r0");
+}
+
+#[test]
+fn kv_aware_counts_only_contiguous_prefix() {
+    let mut s = pool(2);
+    let ch = chain(3, 6, 3, 6);
+    // r0 holds chunks 1..6 but not 0: nothing counts.
+    s.add_resident("r0", Tier::Device as i32, &ch[1..]);
+    s.add_resident("r1", Tier::Host as i32, &ch[..1]);
+    let p = KvAware::default();
+    let c = p.select(
+        &s,
+        &Request {
+            chunks: &ch,
+            prompt_bytes: 6 * 256,
+        },
+    );
+    assert_eq!(id(&s, c.primary), "r1");
+    assert_eq!(c.matched_chunks, 1);
+}
+
+#[test]
+fn kv_aware_zero_weight_tier_does_not_count() {
+    let mut s = pool(2);
+    let ch = chain(4, 4, 4, 4);
+    s.add_resident("r0", Tier::Disk as i32, &ch);
+    let p = KvAware::new(KvAwareConfig {
+        disk_weight: 0.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let c = p.select(
+        &s,
+        &Request {
+            chunks: &ch,
+            prompt_bytes: 4 * 256,
+        },
+    );
+    assert_eq!(c.matched_chunks, 0);
+    assert_eq!(c.reason, Reason::Load);
+}
+
+#[test]
+fn kv_aware_burst_of_a_new_prefix_stays_together_then_spreads_with_load() {
+    let s = pool(4);
+    let mut p = KvAware::default();
+    let ch = chain(8, 16, 8, 16); // 16 chunks = 1024 tokens
+    let first = route(&mut p, &s, &ch).primary.unwrap();
+    // The same prompt again before any load report: on `first` it would save
+    // 0.9 * 1024 speculative tokens but wait behind the 1024 just routed there.
+    let second = route(&mut p, &s, &ch).primary.unwrap();
+    assert_ne!(first, second, "1024 queued tokens outweigh 922 saved");
+    // Once `first` reports (an empty queue), the speculative prefix wins.
+    let mut s2 = s.clone();
+    let rid = s2.get(first).unwrap().id.clone();
+    s2.upsert(&replica(rid[1..].parse().unwrap(), 0));
+    let req = Request {
+        chunks: &ch,
+        prompt_bytes: 16 * 256,
+    };
+    assert_eq!(p.select(&s2, &req).primary, Some(first));
+    // A longer shared prefix with a short unique tail stays together.
+    let mut p = KvAware::default();
+    let a = chain(9, 15, 1, 16);
+    let b = chain(9, 15, 2, 16);
+    let first = route(&mut p, &s, &a).primary.unwrap();
+    let req = Request {
+        chunks: &b,
+        prompt_bytes: 16 * 256,
+    };
+    // pending(first) = 1024; saved = 15 * 64 * 0.9 = 864 < 1024: spreads.
+    assert_ne!(p.select(&s, &req).primary.unwrap(), first);
+}
+
+#[test]
+fn kv_aware_pending_resets_on_a_new_load_report() {
+    let mut s = pool(2);
+    let mut p = KvAware::default();
+    let ch = chain(1, 4, 1, 4);
+    let r = route(&mut p, &s, &ch).primary.unwrap();
+    assert!(p.pending(&s, r) > 0);
+    let rid = s.get(r).unwrap().id.clone();
+    let idx: usize = rid[1..].parse().unwrap();
+    s.upsert(&replica(idx, 0));
+    assert_eq!(p.pending(&s, r), 0);
+}
+
+#[test]
+fn by_name_builds_and_refuses() {
+    assert_eq!(
+        by_name("round-robin", &serde_json::Value::Null)
+            .unwrap()
+            .name(),
+        "round-robin"
+    );
+    assert_eq!(
+        by_name("kv-aware", &serde_json::json!({"disk_weight": 0.1}))
+            .unwrap()
+            .name(),
+        "kv-aware"
+    );
+    assert!(matches!(
+        by_name("nope", &serde_json::Value::Null),
+        Err(ConfigError::UnknownStrategy(_))
+    ));
+    assert!(by_name("prefix-aware", &serde_json::json!({"load_factor": 0.5})).is_err());
+    assert!(by_name("prefix-aware", &serde_json::json!({"typo": 1})).is_err());
+    assert!(by_name("kv-aware", &serde_json::json!({"load_weight": -1.0})).is_err());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Route {
+        prefix: u64,
+        len: usize,
+    },
+    Finish(usize),
+    Remove(usize),
+    Add(usize),
+    Resident {
+        replica: usize,
+        prefix: u64,
+        tier: i32,
+    },
+    Load {
+        replica: usize,
+        queued: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u64..6, 0usize..8).prop_map(|(prefix, len)| Op::Route { prefix, len }),
+        2 => (0usize..64).prop_map(Op::Finish),
+        1 => (0usize..8).prop_map(Op::Remove),
+        1 => (0usize..8).prop_map(Op::Add),
+        1 => (0usize..8, 0u64..6, 1i32..4).prop_map(|(replica, prefix, tier)| Op::Resident { replica, prefix, tier }),
+        1 => (0usize..8, 0u64..5000).prop_map(|(replica, queued)| Op::Load { replica, queued }),
+    ]
+}
+
+proptest! {
+    /// Whatever happens, no policy chooses a replica that is not in the
+    /// snapshot, lists it twice, or breaks prefix-aware's load bound.
+    #[test]
+    fn choices_are_live_distinct_and_bounded(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut s = pool(4);
+        let mut policies: Vec<Box<dyn Policy>> = vec![
+            Box::new(RoundRobin::default()),
+            Box::new(PrefixAware::default()),
+            Box::new(KvAware::default()),
+        ];
+        let mut routed: Vec<Vec<ReplicaRef>> = vec![Vec::new(); 3];
+        let mut pa = PrefixAware::default();
+        for op in ops {
+            match op {
+                Op::Route { prefix, len } => {
+                    let ch = chain(prefix, len, prefix, len);
+                    let req = Request { chunks: &ch, prompt_bytes: len * 256 };
+                    for (i, p) in policies.iter_mut().enumerate() {
+                        let c = p.select(&s, &req);
+                        let eps: Vec<_> = c.endpoints().collect();
+                        prop_assert!(eps.iter().all(|&r| s.get(r).is_some()));
+                        let distinct: std::collections::HashSet<_> = eps.iter().collect();
+                        prop_assert_eq!(distinct.len(), eps.len());
+                        prop_assert_eq!(c.primary.is_none(), s.is_empty());
+                        p.observe(&s, &Event::Routed { request: &req, choice: &c });
+                        routed[i].extend(c.primary);
+                    }
+                    let bound = pa.load_bound(&s);
+                    let c = pa.select(&s, &req);
+                    if let Some(r) = c.primary {
+                        prop_assert!(pa.in_flight(r) < bound);
+                    }
+                    pa.observe(&s, &Event::Routed { request: &req, choice: &c });
+                }
+                Op::Finish(k) => {
+                    for (i, p) in policies.iter_mut().enumerate() {
+                        let len = routed[i].len();
+                        if len > 0 {
+                            let r = routed[i].remove(k % len);
+                            p.observe(&s, &Event::Finished { replica: r });
+                        }
+                    }
+                }
+                Op::Remove(i) => s.remove(&format!("r{i}")),
+                Op::Add(i) => s.upsert(&replica(i, 0)),
+                Op::Resident { replica: i, prefix, tier } => {
+                    s.add_resident(&format!("r{i}"), tier, &chain(prefix, 4, prefix, 4));
+                }
+                Op::Load { replica: i, queued } => {
+                    if s.find(&format!("r{i}")).is_some() {
+                        s.upsert(&replica(i, queued));
+                    }
+                }
+            }
+        }
+    }
+}
