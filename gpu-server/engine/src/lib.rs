@@ -29,7 +29,9 @@ pub enum FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Admitted; `cached_tokens` prompt tokens came from the prefix cache.
-    Started { cached_tokens: usize },
+    Started {
+        cached_tokens: usize,
+    },
     Token(u32),
     Finished(FinishReason),
     Failed(String),
@@ -60,7 +62,9 @@ pub enum SubmitError {
     QueueFull,
     #[error("the engine has stopped")]
     Stopped,
-    #[error("prompt of {prompt} tokens plus at least one generated token exceeds the context of {context}")]
+    #[error(
+        "prompt of {prompt} tokens plus at least one generated token exceeds the context of {context}"
+    )]
     TooLong { prompt: usize, context: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,

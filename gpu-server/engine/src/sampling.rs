@@ -102,11 +102,16 @@ mod tests {
         };
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..50).map(|_| sample(&logits, &k2, &mut rng)).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| sample(&logits, &k2, &mut rng))
+                .collect::<Vec<_>>()
         };
         let a = draw(3);
         assert_eq!(a, draw(3), "same seed, same draws");
-        assert!(a.iter().all(|&t| t == 1 || t == 2), "top_k=2 keeps the two best");
+        assert!(
+            a.iter().all(|&t| t == 1 || t == 2),
+            "top_k=2 keeps the two best"
+        );
         assert!(a.contains(&1) && a.contains(&2));
         let nucleus = SamplingParams {
             top_p: 0.3,

@@ -323,7 +323,9 @@ impl Core {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
-            let cached = s.table.adopt_prefix(&mut self.mgr, &s.tokens, s.tokens.len() - 1);
+            let cached = s
+                .table
+                .adopt_prefix(&mut self.mgr, &s.tokens, s.tokens.len() - 1);
             // Chunks of this prompt that end in reused blocks are resident through them.
             s.chunks_mapped = 0;
             let adopted: Vec<(usize, u64)> = s.table.hashes().iter().copied().enumerate().collect();
@@ -415,7 +417,10 @@ impl Core {
             if s.pending() > 0 {
                 continue; // prefill not finished: its logits are not for a new token
             }
-            let last = match rows.get(rows.dim(0).unwrap_or(1).saturating_sub(1)).and_then(|r| r.to_vec1::<f32>()) {
+            let last = match rows
+                .get(rows.dim(0).unwrap_or(1).saturating_sub(1))
+                .and_then(|r| r.to_vec1::<f32>())
+            {
                 Ok(v) => v,
                 Err(e) => {
                     s.send(Event::Failed(format!("logits: {e}")));
@@ -505,7 +510,8 @@ impl Core {
             load,
             cache,
             residency_seq: self.seq,
-            resident_chunks: if keep.len() == cache.resident_chunks && st.residency_seq == self.seq {
+            resident_chunks: if keep.len() == cache.resident_chunks && st.residency_seq == self.seq
+            {
                 keep
             } else {
                 self.mgr.chunk_map().chunks()
@@ -532,7 +538,10 @@ fn map_chunks(mgr: &mut BlockManager, s: &mut Seq, sealed: &[(usize, u64)], bloc
             .iter()
             .take_while(|c| c.token < end)
             .count();
-        let hashes: Vec<u64> = s.req.chunks[from..from + n].iter().map(|c| c.hash).collect();
+        let hashes: Vec<u64> = s.req.chunks[from..from + n]
+            .iter()
+            .map(|c| c.hash)
+            .collect();
         mgr.map_chunks(h, &hashes);
         s.chunks_mapped += n;
     }

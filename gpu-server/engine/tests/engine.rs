@@ -17,14 +17,30 @@ const TOL: f32 = 1e-4;
 fn engine(cfg: EngineConfig) -> EngineHandle {
     let p = std::env::temp_dir().join(format!("kvmesh-engine-{}.gguf", std::process::id()));
     if !p.exists() {
-        write_gguf(&p, &TinySpec { dtype: GgmlDType::Q8_0, ..TinySpec::default() }).unwrap();
+        write_gguf(
+            &p,
+            &TinySpec {
+                dtype: GgmlDType::Q8_0,
+                ..TinySpec::default()
+            },
+        )
+        .unwrap();
     }
     let loaded = kvmesh_gpu_server_model::load(&p).unwrap();
-    Engine::start(Arc::new(loaded.model), loaded.tokenizer.stop_ids.clone(), cfg)
+    Engine::start(
+        Arc::new(loaded.model),
+        loaded.tokenizer.stop_ids.clone(),
+        cfg,
+    )
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() }
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
 }
 
 struct Run {
@@ -35,8 +51,14 @@ struct Run {
 fn submit(e: &EngineHandle, prompt: &[u32], params: SamplingParams) -> Run {
     let (tx, events) = mpsc::unbounded_channel();
     let (ltx, logits) = mpsc::unbounded_channel();
-    e.submit(Request { prompt: prompt.to_vec(), params, chunks: Vec::new(), events: tx, logits: Some(ltx) })
-        .unwrap();
+    e.submit(Request {
+        prompt: prompt.to_vec(),
+        params,
+        chunks: Vec::new(),
+        events: tx,
+        logits: Some(ltx),
+    })
+    .unwrap();
     Run { events, logits }
 }
 
@@ -63,14 +85,23 @@ fn last_prompt_logits(r: &mut Run, prompt_len: usize, cached: usize) -> Vec<f32>
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn prompt(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 31 + salt * 7 + 3) % 256).collect()
+    (0..n as u32)
+        .map(|i| (i * 31 + salt * 7 + 3) % 256)
+        .collect()
 }
 
-fn wait_until(e: &EngineHandle, what: &str, ok: impl Fn(&kvmesh_gpu_server_engine::Status) -> bool) {
+fn wait_until(
+    e: &EngineHandle,
+    what: &str,
+    ok: impl Fn(&kvmesh_gpu_server_engine::Status) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ok(&e.status()) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -80,7 +111,10 @@ fn wait_until(e: &EngineHandle, what: &str, ok: impl Fn(&kvmesh_gpu_server_engin
 
 #[test]
 fn cached_prefix_gives_the_same_logits_cold_shared_and_after_eviction() {
-    let e = engine(EngineConfig { step_tokens: 64, ..EngineConfig::default() });
+    let e = engine(EngineConfig {
+        step_tokens: 64,
+        ..EngineConfig::default()
+    });
     let p = prompt(100, 1);
     // Cold.
     let mut a = submit(&e, &p, greedy(8));
@@ -93,7 +127,11 @@ fn cached_prefix_gives_the_same_logits_cold_shared_and_after_eviction() {
     assert_eq!(cached, 96);
     assert_eq!(toks_a, toks_b);
     let warm = last_prompt_logits(&mut b, p.len(), 96);
-    assert!(max_diff(&cold, &warm) < TOL, "warm vs cold {}", max_diff(&cold, &warm));
+    assert!(
+        max_diff(&cold, &warm) < TOL,
+        "warm vs cold {}",
+        max_diff(&cold, &warm)
+    );
     // Shared with a running request: a long-running sequence holds the prefix while a second
     // request with the same prefix and a different tail reuses it.
     let mut holder = submit(&e, &p, greedy(400));
@@ -108,7 +146,9 @@ fn cached_prefix_gives_the_same_logits_cold_shared_and_after_eviction() {
     assert_eq!(cached_c, 96);
     let shared = last_prompt_logits(&mut c, p2.len(), 96);
     drop(holder);
-    wait_until(&e, "holder cancelled", |s| s.load.running == 0);
+    wait_until(&e, "holder cancelled", |s| {
+        s.cancelled == 1 && s.load.running == 0
+    });
     // After eviction: the same extended prompt recomputed from nothing.
     e.clear_cache();
     wait_until(&e, "cache cleared", |s| s.cache.cached == 0);
@@ -116,7 +156,11 @@ fn cached_prefix_gives_the_same_logits_cold_shared_and_after_eviction() {
     let (cached_d, _, _) = finish(&mut d);
     assert_eq!(cached_d, 0);
     let recomputed = last_prompt_logits(&mut d, p2.len(), 0);
-    assert!(max_diff(&shared, &recomputed) < TOL, "shared vs recompute {}", max_diff(&shared, &recomputed));
+    assert!(
+        max_diff(&shared, &recomputed) < TOL,
+        "shared vs recompute {}",
+        max_diff(&shared, &recomputed)
+    );
 }
 
 #[test]
@@ -135,16 +179,26 @@ fn batched_decoding_gives_the_same_tokens_as_one_at_a_time() {
     let together: Vec<Vec<u32>> = runs.iter_mut().map(|r| finish(r).1).collect();
     assert_eq!(alone, together);
     let s = e2.status();
-    assert!(s.steps < 4 * 25, "requests shared steps ({} steps)", s.steps);
+    assert!(
+        s.steps < 4 * 25,
+        "requests shared steps ({} steps)",
+        s.steps
+    );
 }
 
 #[test]
 fn cancelling_frees_every_block() {
     let e = engine(EngineConfig::default());
     let mut r = submit(&e, &prompt(50, 3), greedy(1500));
-    assert!(matches!(r.events.blocking_recv(), Some(Event::Started { .. })));
+    assert!(matches!(
+        r.events.blocking_recv(),
+        Some(Event::Started { .. })
+    ));
     drop(r);
-    wait_until(&e, "cancelled request released", |s| s.load.running == 0 && s.cache.in_use == 0);
+    // (The status is refreshed after each step: wait for the cancellation itself.)
+    wait_until(&e, "cancelled request released", |s| {
+        s.cancelled == 1 && s.load.running == 0 && s.cache.in_use == 0
+    });
     let s = e.status();
     assert_eq!(s.cache.free + s.cache.cached, s.cache.num_blocks);
     assert_eq!(s.cancelled, 1);
@@ -152,15 +206,31 @@ fn cancelling_frees_every_block() {
 
 #[test]
 fn full_queue_refuses_and_too_long_prompts_are_refused() {
-    let e = engine(EngineConfig { max_running: 1, max_waiting: 1, ..EngineConfig::default() });
+    let e = engine(EngineConfig {
+        max_running: 1,
+        max_waiting: 1,
+        ..EngineConfig::default()
+    });
     let busy = submit(&e, &prompt(10, 4), greedy(1900));
     wait_until(&e, "first request running", |s| s.load.running == 1);
     let _queued = submit(&e, &prompt(10, 5), greedy(4));
     let (tx, _rx) = mpsc::unbounded_channel();
-    let third = e.submit(Request { prompt: prompt(10, 6), params: greedy(4), chunks: Vec::new(), events: tx, logits: None });
+    let third = e.submit(Request {
+        prompt: prompt(10, 6),
+        params: greedy(4),
+        chunks: Vec::new(),
+        events: tx,
+        logits: None,
+    });
     assert_eq!(third, Err(SubmitError::QueueFull));
     let (tx, _rx) = mpsc::unbounded_channel();
-    let long = e.submit(Request { prompt: prompt(5000, 6), params: greedy(4), chunks: Vec::new(), events: tx, logits: None });
+    let long = e.submit(Request {
+        prompt: prompt(5000, 6),
+        params: greedy(4),
+        chunks: Vec::new(),
+        events: tx,
+        logits: None,
+    });
     assert!(matches!(long, Err(SubmitError::TooLong { .. })));
     drop(busy);
 }
@@ -168,16 +238,25 @@ fn full_queue_refuses_and_too_long_prompts_are_refused() {
 #[test]
 fn a_small_pool_preempts_and_still_finishes_everything() {
     // 12 blocks of 16 tokens: three sequences growing to 90 tokens cannot all fit at once.
-    let e = engine(EngineConfig { num_blocks: 12, ..EngineConfig::default() });
+    let e = engine(EngineConfig {
+        num_blocks: 12,
+        ..EngineConfig::default()
+    });
     let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(30, 20 + i)).collect();
     let mut runs: Vec<Run> = prompts.iter().map(|p| submit(&e, p, greedy(60))).collect();
     let outs: Vec<Vec<u32>> = runs.iter_mut().map(|r| finish(r).1).collect();
     assert!(outs.iter().all(|o| o.len() == 60));
     let e2 = engine(EngineConfig::default());
     for (p, o) in prompts.iter().zip(&outs) {
-        assert_eq!(&finish(&mut submit(&e2, p, greedy(60))).1, o, "preemption changed the output");
+        assert_eq!(
+            &finish(&mut submit(&e2, p, greedy(60))).1,
+            o,
+            "preemption changed the output"
+        );
     }
-    wait_until(&e, "idle", |s| s.load.running == 0);
+    wait_until(&e, "idle", |s| {
+        s.generated_tokens == 180 && s.load.running == 0
+    });
     let s = e.status();
     assert!(s.preemptions > 0, "the pool was meant to be too small");
     assert_eq!(s.cache.in_use, 0);

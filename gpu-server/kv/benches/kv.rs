@@ -10,7 +10,10 @@ fn bench(c: &mut Criterion) {
     c.bench_function("block_hashes_2048_tokens", |b| {
         b.iter(|| block_hashes(black_box(&tokens), 16))
     });
-    let mut m = BlockManager::new(KvConfig { block_tokens: 16, num_blocks: 1024 });
+    let mut m = BlockManager::new(KvConfig {
+        block_tokens: 16,
+        num_blocks: 1024,
+    });
     let mut warm = BlockTable::new(16);
     warm.reserve(&mut m, tokens.len()).unwrap_or_default();
     let _ = warm.commit(&mut m, &tokens, tokens.len());

@@ -23,8 +23,14 @@ pub enum Tier {
 /// A change in which text chunks are resident.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum ResidencyEvent {
-    Added { chunk: u64, tier: Tier },
-    Removed { chunk: u64, tier: Tier },
+    Added {
+        chunk: u64,
+        tier: Tier,
+    },
+    Removed {
+        chunk: u64,
+        tier: Tier,
+    },
     /// Everything was dropped (a reset); receivers forget all chunks.
     Cleared,
 }

@@ -213,10 +213,7 @@ impl BlockManager {
         hash: BlockHash,
         parent: Option<BlockHash>,
     ) -> Result<BlockId, KvError> {
-        let b = self
-            .blocks
-            .get(id as usize)
-            .ok_or(KvError::BadState(id))?;
+        let b = self.blocks.get(id as usize).ok_or(KvError::BadState(id))?;
         if b.state != State::Filling || b.refs == 0 {
             return Err(KvError::BadState(id));
         }
@@ -336,7 +333,10 @@ impl BlockManager {
                 seen[id] += 1;
             }
             if seen[id] != 1 {
-                return Err(format!("block {id} is in {} places (leak or double free)", seen[id]));
+                return Err(format!(
+                    "block {id} is in {} places (leak or double free)",
+                    seen[id]
+                ));
             }
         }
         for (h, &id) in &self.index {

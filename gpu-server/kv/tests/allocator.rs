@@ -1,6 +1,8 @@
 //! Property and scenario tests of the block allocator, prefix index and chunk residency.
 
-use kvmesh_gpu_server_kv::{BlockManager, BlockTable, KvConfig, ResidencyEvent, Tier, block_hashes};
+use kvmesh_gpu_server_kv::{
+    BlockManager, BlockTable, KvConfig, ResidencyEvent, Tier, block_hashes,
+};
 use proptest::prelude::*;
 
 const BT: usize = 4;
@@ -56,8 +58,14 @@ fn lru_evicts_the_tail_first_and_reports_its_chunks() {
     assert_eq!(
         m.take_events(),
         vec![
-            ResidencyEvent::Added { chunk: 111, tier: Tier::Device },
-            ResidencyEvent::Added { chunk: 333, tier: Tier::Device },
+            ResidencyEvent::Added {
+                chunk: 111,
+                tier: Tier::Device
+            },
+            ResidencyEvent::Added {
+                chunk: 333,
+                tier: Tier::Device
+            },
         ]
     );
     // A different sequence needs one block: the tail (block 3) goes, not the head.
@@ -65,7 +73,10 @@ fn lru_evicts_the_tail_first_and_reports_its_chunks() {
     assert_eq!(cached, 0);
     assert_eq!(
         m.take_events(),
-        vec![ResidencyEvent::Removed { chunk: 333, tier: Tier::Device }]
+        vec![ResidencyEvent::Removed {
+            chunk: 333,
+            tier: Tier::Device
+        }]
     );
     assert_eq!(m.cached_prefix(&h), 3);
     b.release(&mut m);

@@ -42,12 +42,22 @@ impl Meta<'_> {
         }
     }
     fn str(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+        self.0
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
     }
     fn strings(&self, key: &str) -> Result<Vec<String>> {
-        let v = self.get(key)?.to_vec().map_err(|e| ModelError::Metadata(e.to_string()))?;
+        let v = self
+            .get(key)?
+            .to_vec()
+            .map_err(|e| ModelError::Metadata(e.to_string()))?;
         v.iter()
-            .map(|x| x.to_string().cloned().map_err(|e| ModelError::Metadata(e.to_string())))
+            .map(|x| {
+                x.to_string()
+                    .cloned()
+                    .map_err(|e| ModelError::Metadata(e.to_string()))
+            })
             .collect()
     }
 }
@@ -64,7 +74,11 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
                 id.map(|i| String::from_utf8_lossy(&tokenizer.token_bytes(i)).into_owned())
                     .unwrap_or_default()
             };
-            Some(ChatTemplate::new(src, &tok(tokenizer.bos), &tok(tokenizer.eos))?)
+            Some(ChatTemplate::new(
+                src,
+                &tok(tokenizer.bos),
+                &tok(tokenizer.eos),
+            )?)
         }
         None => None,
     };
@@ -86,7 +100,12 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
             };
             Ok(Linear { w, b })
         };
-        let (wq, wk, wv, wo) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
+        let (wq, wk, wv, wo) = (
+            lin("attn_q")?,
+            lin("attn_k")?,
+            lin("attn_v")?,
+            lin("attn_output")?,
+        );
         let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
         let attn_norm = f32_tensor(qt(&format!("{p}.attn_norm.weight"))?.dequantize(&dev)?)?;
         let ffn_norm = f32_tensor(qt(&format!("{p}.ffn_norm.weight"))?.dequantize(&dev)?)?;
@@ -126,11 +145,18 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
 }
 
 fn config(meta: &Meta<'_>) -> Result<ModelConfig> {
-    let arch_name = meta.str("general.architecture").unwrap_or("llama").to_string();
+    let arch_name = meta
+        .str("general.architecture")
+        .unwrap_or("llama")
+        .to_string();
     let arch = match arch_name.as_str() {
         "llama" | "mistral" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
-        other => return Err(ModelError::Metadata(format!("unsupported architecture {other}"))),
+        other => {
+            return Err(ModelError::Metadata(format!(
+                "unsupported architecture {other}"
+            )));
+        }
     };
     let a = |k: &str| format!("{arch_name}.{k}");
     let hidden = meta.usize(&a("embedding_length"))?;

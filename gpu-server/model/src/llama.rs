@@ -142,7 +142,11 @@ impl Model {
             let q = self.rotate(&layer.wq.forward(&h)?, cfg.heads, &cos, &sin)?;
             let k = self.rotate(&layer.wk.forward(&h)?, cfg.kv_heads, &cos, &sin)?;
             // Back to token-major rows for the pool.
-            let k_rows = k.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let k_rows = k
+                .transpose(0, 1)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             let v_rows = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
             let mut outs = Vec::with_capacity(batch.len());
             let mut off = 0;

@@ -54,7 +54,14 @@ impl KvPool {
 
     /// Writes the K and V rows of the tokens at `start..start + n` (rows of `kv_dim` floats).
     /// Returns false if a position has no block in `blocks`.
-    pub fn write(&mut self, layer: usize, blocks: &[u32], start: usize, k: &[f32], v: &[f32]) -> bool {
+    pub fn write(
+        &mut self,
+        layer: usize,
+        blocks: &[u32],
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> bool {
         let d = self.kv_dim;
         for (i, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
             let Some(o) = self.offset(blocks, start + i) else {
@@ -67,7 +74,14 @@ impl KvPool {
     }
 
     /// Copies K and V of positions `0..n` into contiguous `[n][kv_dim]` buffers.
-    pub fn gather(&self, layer: usize, blocks: &[u32], n: usize, k: &mut Vec<f32>, v: &mut Vec<f32>) -> bool {
+    pub fn gather(
+        &self,
+        layer: usize,
+        blocks: &[u32],
+        n: usize,
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> bool {
         let d = self.kv_dim;
         k.clear();
         v.clear();

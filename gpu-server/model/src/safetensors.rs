@@ -75,7 +75,11 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded> {
     let arch = match hf.model_type.as_deref().unwrap_or("llama") {
         "llama" | "mistral" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
-        other => return Err(ModelError::Metadata(format!("unsupported model_type {other}"))),
+        other => {
+            return Err(ModelError::Metadata(format!(
+                "unsupported model_type {other}"
+            )));
+        }
     };
     let cfg = ModelConfig {
         arch,
@@ -85,7 +89,9 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded> {
         layers: hf.num_hidden_layers,
         heads: hf.num_attention_heads,
         kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-        head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+        head_dim: hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
         rms_eps: hf.rms_norm_eps,
         rope_theta: hf.rope_theta.unwrap_or(10_000.0),
         context_length: hf.max_position_embeddings,
@@ -125,8 +131,15 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded> {
         let p = format!("model.layers.{i}");
         let mut lin = |name: &str, bias: bool| -> Result<Linear> {
             let wt = take(&format!("{p}.{name}.weight"))?;
-            let b = if bias { Some(take(&format!("{p}.{name}.bias"))?) } else { None };
-            Ok(Linear { w: QMatMul::Tensor(wt), b })
+            let b = if bias {
+                Some(take(&format!("{p}.{name}.bias"))?)
+            } else {
+                None
+            };
+            Ok(Linear {
+                w: QMatMul::Tensor(wt),
+                b,
+            })
         };
         let qb = arch == Arch::Qwen2;
         let (wq, wk, wv) = (
@@ -158,7 +171,16 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded> {
     } else {
         take("lm_head.weight")?
     };
-    let model = Model::new(cfg, embed, layers, norm, Linear { w: QMatMul::Tensor(head), b: None })?;
+    let model = Model::new(
+        cfg,
+        embed,
+        layers,
+        norm,
+        Linear {
+            w: QMatMul::Tensor(head),
+            b: None,
+        },
+    )?;
     Ok(Loaded {
         model,
         tokenizer,
@@ -190,7 +212,9 @@ fn tokenizer(dir: &Path, tc: &HfTokenizerConfig, arch: Arch) -> Result<Tokenizer
         .iter()
         .filter_map(|m| match m {
             serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Array(a) => Some(format!("{} {}", a.first()?.as_str()?, a.get(1)?.as_str()?)),
+            serde_json::Value::Array(a) => {
+                Some(format!("{} {}", a.first()?.as_str()?, a.get(1)?.as_str()?))
+            }
             _ => None,
         })
         .collect();
@@ -204,8 +228,19 @@ fn tokenizer(dir: &Path, tc: &HfTokenizerConfig, arch: Arch) -> Result<Tokenizer
     } else {
         PreTokenizer::Gpt2
     };
-    let id_of = |t: Option<String>| t.and_then(|s| tokens.iter().position(|x| *x == s)).map(|i| i as u32);
+    let id_of = |t: Option<String>| {
+        t.and_then(|s| tokens.iter().position(|x| *x == s))
+            .map(|i| i as u32)
+    };
     let bos = id_of(token_text(&tc.bos_token));
     let eos = id_of(token_text(&tc.eos_token));
-    Tokenizer::new(tokens.clone(), &types, &merges, pre, bos, eos, tc.add_bos_token)
+    Tokenizer::new(
+        tokens.clone(),
+        &types,
+        &merges,
+        pre,
+        bos,
+        eos,
+        tc.add_bos_token,
+    )
 }

@@ -66,23 +66,59 @@ fn weights(spec: &TinySpec) -> Result<Weights> {
     let hd = spec.hidden / spec.heads;
     let h = spec.hidden;
     let mut t = Vec::new();
-    t.push(("model.embed_tokens.weight".to_string(), random(&mut rng, (vocab, h), 1.0)?));
+    t.push((
+        "model.embed_tokens.weight".to_string(),
+        random(&mut rng, (vocab, h), 1.0)?,
+    ));
     for i in 0..spec.layers {
         let p = format!("model.layers.{i}");
         let s = 1.0 / (h as f32).sqrt() * 1.7;
-        t.push((format!("{p}.self_attn.q_proj.weight"), random(&mut rng, (spec.heads * hd, h), s)?));
-        t.push((format!("{p}.self_attn.k_proj.weight"), random(&mut rng, (spec.kv_heads * hd, h), s)?));
-        t.push((format!("{p}.self_attn.v_proj.weight"), random(&mut rng, (spec.kv_heads * hd, h), s)?));
-        t.push((format!("{p}.self_attn.o_proj.weight"), random(&mut rng, (h, spec.heads * hd), s)?));
-        t.push((format!("{p}.mlp.gate_proj.weight"), random(&mut rng, (spec.intermediate, h), s)?));
-        t.push((format!("{p}.mlp.up_proj.weight"), random(&mut rng, (spec.intermediate, h), s)?));
+        t.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            random(&mut rng, (spec.heads * hd, h), s)?,
+        ));
+        t.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            random(&mut rng, (spec.kv_heads * hd, h), s)?,
+        ));
+        t.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            random(&mut rng, (spec.kv_heads * hd, h), s)?,
+        ));
+        t.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            random(&mut rng, (h, spec.heads * hd), s)?,
+        ));
+        t.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            random(&mut rng, (spec.intermediate, h), s)?,
+        ));
+        t.push((
+            format!("{p}.mlp.up_proj.weight"),
+            random(&mut rng, (spec.intermediate, h), s)?,
+        ));
         let sd = 1.0 / (spec.intermediate as f32).sqrt() * 1.7;
-        t.push((format!("{p}.mlp.down_proj.weight"), random(&mut rng, (h, spec.intermediate), sd)?));
-        t.push((format!("{p}.input_layernorm.weight"), (random(&mut rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?));
-        t.push((format!("{p}.post_attention_layernorm.weight"), (random(&mut rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?));
+        t.push((
+            format!("{p}.mlp.down_proj.weight"),
+            random(&mut rng, (h, spec.intermediate), sd)?,
+        ));
+        t.push((
+            format!("{p}.input_layernorm.weight"),
+            (random(&mut rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?,
+        ));
+        t.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            (random(&mut rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?,
+        ));
     }
-    t.push(("model.norm.weight".to_string(), (random(&mut rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?));
-    t.push(("lm_head.weight".to_string(), random(&mut rng, (vocab, h), 0.5)?));
+    t.push((
+        "model.norm.weight".to_string(),
+        (random(&mut rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?,
+    ));
+    t.push((
+        "lm_head.weight".to_string(),
+        random(&mut rng, (vocab, h), 0.5)?,
+    ));
     Ok(Weights { tensors: t })
 }
 
@@ -165,7 +201,10 @@ pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.pre", Value::String("gpt-2".into())),
-        ("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
         ("tokenizer.ggml.token_type", Value::Array(types)),
         ("tokenizer.ggml.merges", Value::Array(Vec::new())),
         ("tokenizer.ggml.bos_token_id", u32v(257)),
@@ -223,6 +262,9 @@ pub fn write_safetensors_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
         "eos_token": "<|im_end|>",
         "add_bos_token": false,
     });
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&tc)?)?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&tc)?,
+    )?;
     Ok(())
 }

@@ -22,8 +22,7 @@ pub enum PreTokenizer {
     Qwen2,
 }
 
-const GPT2: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -127,7 +126,12 @@ impl Tokenizer {
             .map(|(b, &c)| (c, b as u8))
             .collect();
         let mut stop_ids: Vec<u32> = eos.into_iter().collect();
-        for name in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"] {
+        for name in [
+            "<|endoftext|>",
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+        ] {
             if let Some(&id) = ids.get(name)
                 && !stop_ids.contains(&id)
             {
@@ -160,7 +164,11 @@ impl Tokenizer {
 
     /// Token ids of `text` (special tokens recognised), with BOS if the model wants it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.encode_with_ends(text)?.into_iter().map(|(t, _)| t).collect())
+        Ok(self
+            .encode_with_ends(text)?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect())
     }
 
     /// Token ids with, for each, the byte offset in `text` just past its last byte (BOS has
@@ -178,7 +186,11 @@ impl Tokenizer {
             let next = self
                 .specials
                 .iter()
-                .filter_map(|(s, id)| text[pos..].find(s.as_str()).map(|i| (pos + i, s.len(), *id)))
+                .filter_map(|(s, id)| {
+                    text[pos..]
+                        .find(s.as_str())
+                        .map(|i| (pos + i, s.len(), *id))
+                })
                 .min_by_key(|&(i, len, _)| (i, std::cmp::Reverse(len)));
             let end = next.map_or(text.len(), |(i, _, _)| i);
             self.encode_plain(&text[pos..end], pos, &mut out)?;

@@ -10,9 +10,12 @@ use kvmesh_gpu_server_model::{KvPool, Loaded, SeqInput, load, max_abs_diff};
 use serde_json::Value;
 
 fn model() -> Option<Loaded> {
-    let path = std::env::var_os("KVMESH_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = std::env::var_os("KVMESH_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     if !path.exists() {
         eprintln!("SKIP: {} not found (run scripts/setup.sh)", path.display());
         return None;
@@ -21,16 +24,25 @@ fn model() -> Option<Loaded> {
 }
 
 fn fixture() -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_llamacpp_greedy.json");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/smollm2_llamacpp_greedy.json");
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i as u32)
+        .unwrap()
 }
 
 /// Greedy tokens: the prompt in one forward, then one token per step.
@@ -41,7 +53,18 @@ fn greedy(m: &Loaded, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut pos = 0;
     let mut step: Vec<u32> = prompt.to_vec();
     for _ in 0..n {
-        let l = m.model.forward(&[SeqInput { tokens: &step, start: pos, blocks: &blocks, all_logits: false }], &mut pool).unwrap();
+        let l = m
+            .model
+            .forward(
+                &[SeqInput {
+                    tokens: &step,
+                    start: pos,
+                    blocks: &blocks,
+                    all_logits: false,
+                }],
+                &mut pool,
+            )
+            .unwrap();
         pos += step.len();
         let t = argmax(&l[0].to_vec2::<f32>().unwrap()[0]);
         out.push(t);
@@ -55,16 +78,31 @@ fn tokenizer_matches_llama_cpp() {
     let Some(m) = model() else { return };
     for c in fixture()["cases"].as_array().unwrap() {
         let prompt = c["prompt"].as_str().unwrap();
-        assert_eq!(m.tokenizer.encode(prompt).unwrap(), ids(&c["prompt_tokens"]), "prompt {prompt:?}");
+        assert_eq!(
+            m.tokenizer.encode(prompt).unwrap(),
+            ids(&c["prompt_tokens"]),
+            "prompt {prompt:?}"
+        );
     }
 }
 
 #[test]
 fn chat_template_matches_the_reference_rendering() {
     let Some(m) = model() else { return };
-    for c in fixture()["cases"].as_array().unwrap().iter().filter(|c| c["kind"] == "chat") {
-        let msg = kvmesh_gpu_server_model::ChatMessage { role: "user".into(), content: c["user"].as_str().unwrap().into() };
-        assert_eq!(m.template.as_ref().unwrap().render(&[msg]).unwrap(), c["prompt"].as_str().unwrap());
+    for c in fixture()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "chat")
+    {
+        let msg = kvmesh_gpu_server_model::ChatMessage {
+            role: "user".into(),
+            content: c["user"].as_str().unwrap().into(),
+        };
+        assert_eq!(
+            m.template.as_ref().unwrap().render(&[msg]).unwrap(),
+            c["prompt"].as_str().unwrap()
+        );
     }
 }
 
@@ -79,7 +117,12 @@ fn greedy_tokens_match_llama_cpp() {
     let mut total = 0;
     for c in fixture()["cases"].as_array().unwrap() {
         let want = ids(&c["greedy"]);
-        let gaps: Vec<f64> = c["top_gap"].as_array().unwrap().iter().map(|g| g.as_f64().unwrap()).collect();
+        let gaps: Vec<f64> = c["top_gap"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_f64().unwrap())
+            .collect();
         let got = greedy(&m, &ids(&c["prompt_tokens"]), want.len());
         total += want.len();
         for i in 0..want.len() {
@@ -87,16 +130,25 @@ fn greedy_tokens_match_llama_cpp() {
                 assert!(
                     gaps[i] < TIE,
                     "prompt {:?}: token {i} is {} but llama.cpp chose {} with a margin of {}",
-                    c["prompt"], got[i], want[i], gaps[i]
+                    c["prompt"],
+                    got[i],
+                    want[i],
+                    gaps[i]
                 );
-                eprintln!("prompt {:?}: near tie at token {i} (gap {}), stopping here", c["prompt"], gaps[i]);
+                eprintln!(
+                    "prompt {:?}: near tie at token {i} (gap {}), stopping here",
+                    c["prompt"], gaps[i]
+                );
                 break;
             }
             compared += 1;
         }
     }
     // Near ties are rare: nearly every reference token must have been compared and equal.
-    assert!(compared * 10 >= total * 9, "only {compared} of {total} tokens compared");
+    assert!(
+        compared * 10 >= total * 9,
+        "only {compared} of {total} tokens compared"
+    );
 }
 
 #[test]
@@ -109,11 +161,25 @@ fn cached_prefix_gives_the_same_logits() {
         let mut at = 0;
         let mut rows = Vec::new();
         for &n in parts {
-            let l = m.model.forward(&[SeqInput { tokens: &p[at..at + n], start: at, blocks, all_logits: true }], pool).unwrap();
+            let l = m
+                .model
+                .forward(
+                    &[SeqInput {
+                        tokens: &p[at..at + n],
+                        start: at,
+                        blocks,
+                        all_logits: true,
+                    }],
+                    pool,
+                )
+                .unwrap();
             rows.push(l[0].clone());
             at += n;
         }
-        Tensor::cat(&rows, 0).unwrap().narrow(0, 32, p.len() - 32).unwrap()
+        Tensor::cat(&rows, 0)
+            .unwrap()
+            .narrow(0, 32, p.len() - 32)
+            .unwrap()
     };
     let cold = run(&mut pool, &[p.len()], &[0, 1, 2, 3, 4]);
     let warm = run(&mut pool, &[32, p.len() - 32], &[7, 11, 5, 9, 13]);

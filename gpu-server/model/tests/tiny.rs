@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
+use candle_core::quantized::GgmlDType;
 use kvmesh_gpu_server_model::tiny::{TinySpec, write_gguf, write_safetensors_dir};
 use kvmesh_gpu_server_model::{KvPool, Loaded, SeqInput, load, max_abs_diff};
 
@@ -17,7 +17,14 @@ fn tmp(name: &str) -> PathBuf {
 
 fn tiny(dtype: GgmlDType) -> Loaded {
     let p = tmp(&format!("tiny-{dtype:?}.gguf"));
-    write_gguf(&p, &TinySpec { dtype, ..TinySpec::default() }).unwrap();
+    write_gguf(
+        &p,
+        &TinySpec {
+            dtype,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
     load(&p).unwrap()
 }
 
@@ -33,7 +40,12 @@ fn run(m: &Loaded, pool: &mut KvPool, tokens: &[u32], chunks: &[usize], blocks: 
         let r = m
             .model
             .forward(
-                &[SeqInput { tokens: &tokens[at..at + c], start: at, blocks, all_logits: true }],
+                &[SeqInput {
+                    tokens: &tokens[at..at + c],
+                    start: at,
+                    blocks,
+                    all_logits: true,
+                }],
                 pool,
             )
             .unwrap();
@@ -70,8 +82,18 @@ fn batched_equals_unbatched() {
         .model
         .forward(
             &[
-                SeqInput { tokens: &a, start: 0, blocks: &[5, 6, 7], all_logits: true },
-                SeqInput { tokens: &b, start: 0, blocks: &[8, 9], all_logits: true },
+                SeqInput {
+                    tokens: &a,
+                    start: 0,
+                    blocks: &[5, 6, 7],
+                    all_logits: true,
+                },
+                SeqInput {
+                    tokens: &b,
+                    start: 0,
+                    blocks: &[8, 9],
+                    all_logits: true,
+                },
             ],
             &mut pool,
         )
@@ -82,7 +104,10 @@ fn batched_equals_unbatched() {
 
 #[test]
 fn safetensors_and_gguf_of_the_same_weights_agree() {
-    let spec = TinySpec { dtype: GgmlDType::F32, ..TinySpec::default() };
+    let spec = TinySpec {
+        dtype: GgmlDType::F32,
+        ..TinySpec::default()
+    };
     let g = tmp("same.gguf");
     let d = tmp("same-hf");
     write_gguf(&g, &spec).unwrap();
@@ -94,8 +119,14 @@ fn safetensors_and_gguf_of_the_same_weights_agree() {
     let la = run(&a, &mut pa, &t, &[33], &[0, 1, 2]);
     let lb = run(&b, &mut pb, &t, &[33], &[0, 1, 2]);
     let diff = max_abs_diff(&la, &lb).unwrap();
-    assert!(diff < 1e-3, "gguf (rope_i on permuted q/k) vs HF (rope on halves): {diff}");
-    assert_eq!(a.tokenizer.encode("hi <|im_end|>").unwrap(), b.tokenizer.encode("hi <|im_end|>").unwrap());
+    assert!(
+        diff < 1e-3,
+        "gguf (rope_i on permuted q/k) vs HF (rope on halves): {diff}"
+    );
+    assert_eq!(
+        a.tokenizer.encode("hi <|im_end|>").unwrap(),
+        b.tokenizer.encode("hi <|im_end|>").unwrap()
+    );
 }
 
 #[test]
@@ -123,15 +154,27 @@ fn byte_tokenizer_and_chat_template() {
     let ids = m.tokenizer.encode("hé<|im_end|>!").unwrap();
     assert_eq!(ids, vec![b'h' as u32, 0xc3, 0xa9, 258, b'!' as u32]);
     assert_eq!(m.tokenizer.decode(&ids), "hé!");
-    let ends: Vec<usize> = m.tokenizer.encode_with_ends("hé<|im_end|>!").unwrap().iter().map(|t| t.1).collect();
+    let ends: Vec<usize> = m
+        .tokenizer
+        .encode_with_ends("hé<|im_end|>!")
+        .unwrap()
+        .iter()
+        .map(|t| t.1)
+        .collect();
     assert_eq!(ends, vec![1, 2, 3, 13, 14]);
     let chat = m
         .template
         .as_ref()
         .unwrap()
-        .render(&[kvmesh_gpu_server_model::ChatMessage { role: "user".into(), content: "hi".into() }])
+        .render(&[kvmesh_gpu_server_model::ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }])
         .unwrap();
-    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(
+        chat,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
 }
 
 #[test]
@@ -139,10 +182,34 @@ fn a_bad_block_table_is_an_error_not_a_panic() {
     let m = tiny(GgmlDType::Q8_0);
     let mut pool = KvPool::new(m.model.config(), 2, 16);
     let t = prompt(20);
-    let short = m.model.forward(&[SeqInput { tokens: &t, start: 0, blocks: &[0], all_logits: false }], &mut pool);
+    let short = m.model.forward(
+        &[SeqInput {
+            tokens: &t,
+            start: 0,
+            blocks: &[0],
+            all_logits: false,
+        }],
+        &mut pool,
+    );
     assert!(short.is_err());
-    let outside = m.model.forward(&[SeqInput { tokens: &t, start: 0, blocks: &[0, 5], all_logits: false }], &mut pool);
+    let outside = m.model.forward(
+        &[SeqInput {
+            tokens: &t,
+            start: 0,
+            blocks: &[0, 5],
+            all_logits: false,
+        }],
+        &mut pool,
+    );
     assert!(outside.is_err());
-    let vocab = m.model.forward(&[SeqInput { tokens: &[9999], start: 0, blocks: &[0], all_logits: false }], &mut pool);
+    let vocab = m.model.forward(
+        &[SeqInput {
+            tokens: &[9999],
+            start: 0,
+            blocks: &[0],
+            all_logits: false,
+        }],
+        &mut pool,
+    );
     assert!(vocab.is_err());
 }

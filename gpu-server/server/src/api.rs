@@ -61,14 +61,24 @@ pub struct Gen {
 fn unsupported_set(name: &str, v: &Value) -> bool {
     match name {
         "n" | "best_of" => !(v.is_null() || v.as_u64() == Some(1)),
-        "logprobs" | "top_logprobs" | "echo" | "logit_bias" | "suffix" | "tools"
-        | "tool_choice" | "functions" | "function_call" | "parallel_tool_calls" => {
-            !(v.is_null() || v == &Value::Bool(false))
-        }
+        "logprobs"
+        | "top_logprobs"
+        | "echo"
+        | "logit_bias"
+        | "suffix"
+        | "tools"
+        | "tool_choice"
+        | "functions"
+        | "function_call"
+        | "parallel_tool_calls" => !(v.is_null() || v == &Value::Bool(false)),
         "presence_penalty" | "frequency_penalty" | "repetition_penalty" => {
-            !(v.is_null() || v.as_f64() == Some(0.0) || (name == "repetition_penalty" && v.as_f64() == Some(1.0)))
+            !(v.is_null()
+                || v.as_f64() == Some(0.0)
+                || (name == "repetition_penalty" && v.as_f64() == Some(1.0)))
         }
-        "response_format" => !(v.is_null() || v.get("type").and_then(Value::as_str) == Some("text")),
+        "response_format" => {
+            !(v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"))
+        }
         _ => false,
     }
 }
@@ -111,45 +121,77 @@ impl Common {
         };
         let temperature = number(&self.temperature, "temperature")?.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::invalid("'temperature' must be between 0 and 2", Some("temperature")));
+            return Err(ApiError::invalid(
+                "'temperature' must be between 0 and 2",
+                Some("temperature"),
+            ));
         }
         let top_p = number(&self.top_p, "top_p")?.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::invalid("'top_p' must be in (0, 1]", Some("top_p")));
+            return Err(ApiError::invalid(
+                "'top_p' must be in (0, 1]",
+                Some("top_p"),
+            ));
         }
         let top_k = integer(&self.top_k, "top_k")?.unwrap_or(0);
         // -1 is the vLLM/SGLang spelling of "no limit".
         if top_k < -1 {
-            return Err(ApiError::invalid("'top_k' must be -1, 0 or positive", Some("top_k")));
+            return Err(ApiError::invalid(
+                "'top_k' must be -1, 0 or positive",
+                Some("top_k"),
+            ));
         }
         let seed = integer(&self.seed, "seed")?.map(|s| s as u64);
         let (limit, limit_name) = match (&self.max_completion_tokens, &self.max_tokens) {
-            (Some(v), _) if !v.is_null() => (integer(&self.max_completion_tokens, "max_completion_tokens")?, "max_completion_tokens"),
+            (Some(v), _) if !v.is_null() => (
+                integer(&self.max_completion_tokens, "max_completion_tokens")?,
+                "max_completion_tokens",
+            ),
             _ => (integer(&self.max_tokens, "max_tokens")?, "max_tokens"),
         };
         let max_tokens = match limit {
             None => max_default,
             Some(n) if n >= 1 => n as usize,
             Some(_) => {
-                return Err(ApiError::invalid(format!("'{limit_name}' must be at least 1"), Some(limit_name)));
+                return Err(ApiError::invalid(
+                    format!("'{limit_name}' must be at least 1"),
+                    Some(limit_name),
+                ));
             }
         };
         let stop = match &self.stop {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(s)) => vec![s.clone()],
             Some(Value::Array(a)) => {
-                let v: Option<Vec<String>> = a.iter().map(|x| x.as_str().map(str::to_string)).collect();
-                v.ok_or_else(|| ApiError::invalid("'stop' must be a string or an array of strings", Some("stop")))?
+                let v: Option<Vec<String>> =
+                    a.iter().map(|x| x.as_str().map(str::to_string)).collect();
+                v.ok_or_else(|| {
+                    ApiError::invalid(
+                        "'stop' must be a string or an array of strings",
+                        Some("stop"),
+                    )
+                })?
             }
-            Some(_) => return Err(ApiError::invalid("'stop' must be a string or an array of strings", Some("stop"))),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "'stop' must be a string or an array of strings",
+                    Some("stop"),
+                ));
+            }
         };
         if stop.len() > 4 || stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid("'stop' takes up to 4 non-empty strings", Some("stop")));
+            return Err(ApiError::invalid(
+                "'stop' takes up to 4 non-empty strings",
+                Some("stop"),
+            ));
         }
         Ok(Gen {
             model,
             stream: self.stream.unwrap_or(false),
-            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
             params: SamplingParams {
                 temperature: temperature as f32,
                 top_p: top_p as f32,
@@ -167,14 +209,22 @@ impl Common {
 pub fn prompt_text(v: &Option<Value>) -> Result<String, ApiError> {
     match v {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Ok(a[0].as_str().unwrap_or_default().to_string()),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            Ok(a[0].as_str().unwrap_or_default().to_string())
+        }
         Some(Value::Array(a)) if a.iter().all(Value::is_string) => Err(ApiError::invalid(
             "a prompt array with more than one string is not supported (send one request per prompt)",
             Some("prompt"),
         )),
-        Some(Value::Array(_)) => Err(ApiError::invalid("token-id prompts are not supported", Some("prompt"))),
+        Some(Value::Array(_)) => Err(ApiError::invalid(
+            "token-id prompts are not supported",
+            Some("prompt"),
+        )),
         None | Some(Value::Null) => Err(ApiError::invalid("'prompt' is required", Some("prompt"))),
-        Some(_) => Err(ApiError::invalid("'prompt' must be a string", Some("prompt"))),
+        Some(_) => Err(ApiError::invalid(
+            "'prompt' must be a string",
+            Some("prompt"),
+        )),
     }
 }
 
@@ -199,10 +249,15 @@ pub fn chat_messages(v: &Option<Value>) -> Result<Vec<(String, String)>, ApiErro
             Some(Value::Array(parts)) => {
                 let mut s = String::new();
                 for p in parts {
-                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
                         (Some("text"), Some(t)) => s.push_str(t),
                         (Some(kind), _) => {
-                            return Err(ApiError::unsupported(&format!("messages[].content[].type={kind}")));
+                            return Err(ApiError::unsupported(&format!(
+                                "messages[].content[].type={kind}"
+                            )));
                         }
                         _ => return Err(bad("content parts need a 'type'")),
                     }

@@ -29,7 +29,10 @@ impl ApiError {
     pub fn unsupported(param: &str) -> Self {
         Self {
             code: Some("unsupported_parameter"),
-            ..Self::invalid(format!("parameter '{param}' is not supported by this server"), Some(param))
+            ..Self::invalid(
+                format!("parameter '{param}' is not supported by this server"),
+                Some(param),
+            )
         }
     }
 

@@ -10,14 +10,14 @@ use crate::error::ApiError;
 
 /// A piece of the answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Piece {
+pub(crate) enum Piece {
     Text(String),
     End(&'static str),
 }
 
 /// Reads one request's events. Dropping it cancels the request in the engine.
 #[derive(Debug)]
-pub struct Generation {
+pub(crate) struct Generation {
     rx: mpsc::UnboundedReceiver<Event>,
     tokenizer: Arc<Tokenizer>,
     stops: Vec<String>,
@@ -25,13 +25,13 @@ pub struct Generation {
     held: String,
     done: bool,
     end: Option<&'static str>,
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub cached_tokens: usize,
+    pub(crate) prompt_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) cached_tokens: usize,
 }
 
 impl Generation {
-    pub fn new(
+    pub(crate) fn new(
         rx: mpsc::UnboundedReceiver<Event>,
         tokenizer: Arc<Tokenizer>,
         stops: Vec<String>,
@@ -52,7 +52,7 @@ impl Generation {
     }
 
     /// The next piece; `None` after `End`.
-    pub async fn next(&mut self) -> Option<Result<Piece, ApiError>> {
+    pub(crate) async fn next(&mut self) -> Option<Result<Piece, ApiError>> {
         if let Some(finish) = self.end.take() {
             return Some(Ok(Piece::End(finish)));
         }
@@ -143,7 +143,10 @@ impl Generation {
     }
 
     fn earliest_stop(&self) -> Option<usize> {
-        self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min()
+        self.stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
     }
 
     /// Bytes at the end of `held` that could still begin a stop string.

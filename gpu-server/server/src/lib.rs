@@ -1,13 +1,12 @@
 //! kvmesh's OpenAI-compatible model server: the HTTP edge (axum) over the engine, with
 //! `/metrics`, a JSON debug view of the cache, and the text-chunk residency mapping.
 
-mod api;
+pub mod api;
 mod error;
 mod generate;
 mod metrics;
 pub mod residency;
 mod routes;
-pub mod sdk;
 
 use std::path::Path;
 use std::sync::Arc;

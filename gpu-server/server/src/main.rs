@@ -16,7 +16,11 @@ struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
     /// A .gguf file or an HF directory (config.json, tokenizer.json, *.safetensors).
-    #[arg(long, env = "KVMESH_MODEL", default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    #[arg(
+        long,
+        env = "KVMESH_MODEL",
+        default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
     model: PathBuf,
     /// The model name clients send; also seeds the text-chunk hashes.
     #[arg(long, default_value = "SmolLM2-135M-Instruct")]
@@ -62,13 +66,20 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
-    if let Some(Cmd::GenTiny { out, safetensors_dir, seed }) = cli.cmd {
-        let spec = TinySpec { seed, ..TinySpec::default() };
+    if let Some(Cmd::GenTiny {
+        out,
+        safetensors_dir,
+        seed,
+    }) = cli.cmd
+    {
+        let spec = TinySpec {
+            seed,
+            ..TinySpec::default()
+        };
         tiny::write_gguf(&out, &spec)?;
         if let Some(dir) = safetensors_dir {
             tiny::write_safetensors_dir(&dir, &spec)?;

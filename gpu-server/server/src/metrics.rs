@@ -32,30 +32,106 @@ impl prometheus_client::collector::Collector for EngineCollector {
             let g = ConstGauge::new(v);
             g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
         };
-        gauge("kvmesh_requests_waiting", "Requests queued, not yet admitted", i64::from(s.load.waiting))?;
-        gauge("kvmesh_requests_running", "Requests in the running batch", i64::from(s.load.running))?;
-        gauge("kvmesh_queued_prefill_tokens", "Prompt tokens admitted or queued but not yet prefilled", s.load.queued_prefill_tokens as i64)?;
-        gauge("kvmesh_kv_blocks_capacity", "KV blocks in the device tier", s.cache.num_blocks as i64)?;
-        gauge("kvmesh_kv_blocks_in_use", "KV blocks referenced by running sequences", s.cache.in_use as i64)?;
-        gauge("kvmesh_kv_blocks_cached", "Unreferenced sealed KV blocks kept for prefix reuse", s.cache.cached as i64)?;
-        gauge("kvmesh_kv_blocks_free", "Empty KV blocks", s.cache.free as i64)?;
-        gauge("kvmesh_resident_chunks", "Text chunks whose KV is resident in the device tier", s.cache.resident_chunks as i64)?;
-        gauge("kvmesh_residency_seq", "Sequence number of the last residency delta", s.residency_seq as i64)?;
-        gauge("kvmesh_kv_pool_bytes", "Bytes of the physical KV pool", s.pool_bytes as i64)?;
-        gauge("kvmesh_kv_pool_bytes_per_token", "Bytes of KV one token takes in the pool", s.pool_bytes_per_token as i64)?;
+        gauge(
+            "kvmesh_requests_waiting",
+            "Requests queued, not yet admitted",
+            i64::from(s.load.waiting),
+        )?;
+        gauge(
+            "kvmesh_requests_running",
+            "Requests in the running batch",
+            i64::from(s.load.running),
+        )?;
+        gauge(
+            "kvmesh_queued_prefill_tokens",
+            "Prompt tokens admitted or queued but not yet prefilled",
+            s.load.queued_prefill_tokens as i64,
+        )?;
+        gauge(
+            "kvmesh_kv_blocks_capacity",
+            "KV blocks in the device tier",
+            s.cache.num_blocks as i64,
+        )?;
+        gauge(
+            "kvmesh_kv_blocks_in_use",
+            "KV blocks referenced by running sequences",
+            s.cache.in_use as i64,
+        )?;
+        gauge(
+            "kvmesh_kv_blocks_cached",
+            "Unreferenced sealed KV blocks kept for prefix reuse",
+            s.cache.cached as i64,
+        )?;
+        gauge(
+            "kvmesh_kv_blocks_free",
+            "Empty KV blocks",
+            s.cache.free as i64,
+        )?;
+        gauge(
+            "kvmesh_resident_chunks",
+            "Text chunks whose KV is resident in the device tier",
+            s.cache.resident_chunks as i64,
+        )?;
+        gauge(
+            "kvmesh_residency_seq",
+            "Sequence number of the last residency delta",
+            s.residency_seq as i64,
+        )?;
+        gauge(
+            "kvmesh_kv_pool_bytes",
+            "Bytes of the physical KV pool",
+            s.pool_bytes as i64,
+        )?;
+        gauge(
+            "kvmesh_kv_pool_bytes_per_token",
+            "Bytes of KV one token takes in the pool",
+            s.pool_bytes_per_token as i64,
+        )?;
         let mut counter = |name: &str, help: &str, v: u64| -> Result<(), std::fmt::Error> {
             let c = ConstCounter::new(v);
             c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
         };
-        counter("kvmesh_prefix_cache_evictions", "KV blocks evicted from the prefix cache", s.cache.evictions)?;
-        counter("kvmesh_prefix_cache_hit_blocks", "Prompt blocks found in the prefix cache", s.cache.hit_blocks)?;
-        counter("kvmesh_prefix_cache_lookup_blocks", "Prompt blocks looked up in the prefix cache", s.cache.lookup_blocks)?;
-        counter("kvmesh_prompt_tokens", "Prompt tokens admitted", s.prompt_tokens)?;
-        counter("kvmesh_cached_prompt_tokens", "Prompt tokens served from the prefix cache", s.cached_prompt_tokens)?;
-        counter("kvmesh_generated_tokens", "Tokens generated", s.generated_tokens)?;
+        counter(
+            "kvmesh_prefix_cache_evictions",
+            "KV blocks evicted from the prefix cache",
+            s.cache.evictions,
+        )?;
+        counter(
+            "kvmesh_prefix_cache_hit_blocks",
+            "Prompt blocks found in the prefix cache",
+            s.cache.hit_blocks,
+        )?;
+        counter(
+            "kvmesh_prefix_cache_lookup_blocks",
+            "Prompt blocks looked up in the prefix cache",
+            s.cache.lookup_blocks,
+        )?;
+        counter(
+            "kvmesh_prompt_tokens",
+            "Prompt tokens admitted",
+            s.prompt_tokens,
+        )?;
+        counter(
+            "kvmesh_cached_prompt_tokens",
+            "Prompt tokens served from the prefix cache",
+            s.cached_prompt_tokens,
+        )?;
+        counter(
+            "kvmesh_generated_tokens",
+            "Tokens generated",
+            s.generated_tokens,
+        )?;
         counter("kvmesh_engine_steps", "Engine steps run", s.steps)?;
-        counter("kvmesh_preemptions", "Sequences preempted for lack of KV blocks", s.preemptions)?;
-        counter("kvmesh_cancelled_requests", "Requests dropped because the client went away", s.cancelled)?;
+        counter(
+            "kvmesh_preemptions",
+            "Sequences preempted for lack of KV blocks",
+            s.preemptions,
+        )?;
+        counter(
+            "kvmesh_cancelled_requests",
+            "Requests dropped because the client went away",
+            s.cancelled,
+        )?;
         Ok(())
     }
 }
@@ -64,7 +140,11 @@ impl Metrics {
     pub fn new(engine: EngineHandle) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("kvmesh_http_requests", "HTTP requests by endpoint and status", requests.clone());
+        registry.register(
+            "kvmesh_http_requests",
+            "HTTP requests by endpoint and status",
+            requests.clone(),
+        );
         registry.register_collector(Box::new(EngineCollector(engine)));
         Self { registry, requests }
     }

@@ -18,13 +18,22 @@
 
 use kvmesh_gpu_server_engine::ChunkEnd;
 
-use crate::sdk;
+use kvmesh_plugins_sdk::{chunk, prompt};
 
 /// One chat message's text, as the canonical prompt and the template both see it.
 #[derive(Debug, Clone)]
 pub struct Message<'a> {
     pub role: &'a str,
     pub content: &'a str,
+}
+
+/// The canonical bytes of a chat, as the SDK renders them.
+pub fn chat_canonical(messages: &[Message<'_>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        prompt::render_message(m.role, m.content, &mut out);
+    }
+    out
 }
 
 /// The canonical bytes of a chat and, per canonical byte, its rendered byte offset.
@@ -36,7 +45,7 @@ fn chat_map(messages: &[Message<'_>], rendered: &str) -> (Vec<u8>, Vec<usize>) {
     let mut lost = false;
     for m in messages {
         let start = canonical.len();
-        sdk::render_message(m.role, m.content, &mut canonical);
+        prompt::render_message(m.role, m.content, &mut canonical);
         let bytes = &canonical[start..];
         let content_at = start + m.role.len() + 1;
         let found = if lost {
@@ -100,7 +109,7 @@ fn ends(
     token_ends: &[usize],
     to_rendered: impl Fn(usize) -> usize,
 ) -> Vec<ChunkEnd> {
-    let hashes = sdk::chunk_hashes(model, canonical, chunk_bytes);
+    let hashes = chunk::chunk_hashes(model, canonical, chunk_bytes);
     let mut out = Vec::with_capacity(hashes.len());
     for (i, hash) in hashes.into_iter().enumerate() {
         let last_byte = (i + 1) * chunk_bytes as usize - 1;
@@ -122,11 +131,11 @@ mod tests {
     #[test]
     fn completion_offsets_map_to_the_token_holding_the_byte() {
         // Tokens of 1 byte each except token 2 (bytes 2..6).
-        let text = "ab" .to_string() + &"x".repeat(600);
+        let text = "ab".to_string() + &"x".repeat(600);
         let mut ends_v = vec![1, 2, 6];
         ends_v.extend(7..=text.len());
         let got = completion_chunks("m", 4, &text, &ends_v);
-        let want = sdk::chunk_hashes("m", text.as_bytes(), 4);
+        let want = chunk::chunk_hashes("m", text.as_bytes(), 4);
         assert_eq!(got.len(), want.len());
         // Chunk 0 ends at byte 3, inside token 2; chunk 1 ends at byte 7 -> token 4 (bytes 7..8)
         assert_eq!(got[0].token, 2);
@@ -137,8 +146,14 @@ mod tests {
     #[test]
     fn chat_bytes_map_into_the_rendered_template() {
         let msgs = [
-            Message { role: "user", content: "hello world" },
-            Message { role: "assistant", content: "hi" },
+            Message {
+                role: "user",
+                content: "hello world",
+            },
+            Message {
+                role: "assistant",
+                content: "hi",
+            },
         ];
         let rendered = "<s>user: hello world</s><s>assistant: hi</s><s>assistant:";
         let (canonical, map) = chat_map(&msgs, rendered);

@@ -44,11 +44,11 @@ fn count(state: &AppState, endpoint: &str, status: StatusCode) {
         .inc();
 }
 
-pub async fn health() -> &'static str {
+pub(crate) async fn health() -> &'static str {
     "ok"
 }
 
-pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+pub(crate) async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "object": "list",
         "data": [{
@@ -61,7 +61,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -73,9 +73,13 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// The cache state as JSON: load, block counts, resident chunk hashes (hex).
-pub async fn debug_cache(State(state): State<Arc<AppState>>) -> Json<Value> {
+pub(crate) async fn debug_cache(State(state): State<Arc<AppState>>) -> Json<Value> {
     let s = state.engine.status();
-    let chunks: Vec<String> = s.resident_chunks.iter().map(|c| format!("{c:016x}")).collect();
+    let chunks: Vec<String> = s
+        .resident_chunks
+        .iter()
+        .map(|c| format!("{c:016x}"))
+        .collect();
     Json(json!({
         "model": state.model_name,
         "chunk_bytes": state.chunk_bytes,
@@ -96,20 +100,21 @@ pub async fn debug_cache(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-pub async fn fallback() -> ApiError {
+pub(crate) async fn fallback() -> ApiError {
     ApiError::not_found()
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}"), None))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}"), None))
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub(crate) async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let r = completions_inner(&state, &body).await;
     finish(&state, "/v1/completions", r)
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub(crate) async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let r = chat_inner(&state, &body).await;
     finish(&state, "/v1/chat/completions", r)
 }
@@ -122,7 +127,9 @@ fn finish(state: &AppState, endpoint: &str, r: Result<Response, ApiError>) -> Re
 
 async fn completions_inner(state: &Arc<AppState>, body: &Bytes) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_json(body)?;
-    let gen_ = req.common.check(&state.model_name, state.max_tokens_default)?;
+    let gen_ = req
+        .common
+        .check(&state.model_name, state.max_tokens_default)?;
     let prompt = prompt_text(&req.prompt)?;
     let toks = encode(state, &prompt)?;
     let ends: Vec<usize> = toks.iter().map(|t| t.1).collect();
@@ -133,7 +140,9 @@ async fn completions_inner(state: &Arc<AppState>, body: &Bytes) -> Result<Respon
 
 async fn chat_inner(state: &Arc<AppState>, body: &Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_json(body)?;
-    let gen_ = req.common.check(&state.model_name, state.max_tokens_default)?;
+    let gen_ = req
+        .common
+        .check(&state.model_name, state.max_tokens_default)?;
     let msgs = chat_messages(&req.messages)?;
     let chat: Vec<ChatMessage> = msgs
         .iter()
@@ -159,7 +168,13 @@ async fn chat_inner(state: &Arc<AppState>, body: &Bytes) -> Result<Response, Api
         .iter()
         .map(|(role, content)| Message { role, content })
         .collect();
-    let chunks = chat_chunks(&state.model_name, state.chunk_bytes, &view, &rendered, &ends);
+    let chunks = chat_chunks(
+        &state.model_name,
+        state.chunk_bytes,
+        &view,
+        &rendered,
+        &ends,
+    );
     let ids = toks.into_iter().map(|t| t.0).collect();
     run(state.clone(), gen_, ids, chunks, true).await
 }
@@ -198,7 +213,9 @@ async fn run(
         })
         .map_err(|e| match e {
             SubmitError::QueueFull => ApiError::queue_full(),
-            SubmitError::TooLong { .. } | SubmitError::TooLarge { .. } => ApiError::too_long(e.to_string()),
+            SubmitError::TooLong { .. } | SubmitError::TooLarge { .. } => {
+                ApiError::too_long(e.to_string())
+            }
             SubmitError::EmptyPrompt => ApiError::invalid(e.to_string(), Some("prompt")),
             SubmitError::Stopped => ApiError::internal(e.to_string()),
         })?;
@@ -256,9 +273,13 @@ fn stream(
     mut g: Generation,
     id: String,
     chat: bool,
-) -> Sse<ReceiverStream<Result<SseEvent, Infallible>>> {
+) -> impl IntoResponse {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(16);
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let created = now();
     let model = gen_.model.clone();
     let chunk = move |choice: Value, usage: Option<Value>| {
@@ -287,7 +308,10 @@ fn stream(
             let ev = match p {
                 Ok(Piece::Text(t)) => {
                     if chat {
-                        chunk(json!({"index": 0, "delta": {"content": t}, "finish_reason": null}), None)
+                        chunk(
+                            json!({"index": 0, "delta": {"content": t}, "finish_reason": null}),
+                            None,
+                        )
                     } else {
                         chunk(json!({"index": 0, "text": t, "finish_reason": null}), None)
                     }

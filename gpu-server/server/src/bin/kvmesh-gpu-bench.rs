@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use kvmesh_gpu_server_engine::{Engine, EngineConfig, EngineHandle, Event, Request, SamplingParams};
+use kvmesh_gpu_server_engine::{
+    Engine, EngineConfig, EngineHandle, Event, Request, SamplingParams,
+};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -30,14 +32,30 @@ struct Timing {
 
 fn run(e: &EngineHandle, prompt: &[u32], max_tokens: usize) -> mpsc::UnboundedReceiver<Event> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let params = SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() };
-    e.submit(Request { prompt: prompt.to_vec(), params, chunks: Vec::new(), events: tx, logits: None })
-        .unwrap_or_else(|err| panic!("submit: {err}"));
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    e.submit(Request {
+        prompt: prompt.to_vec(),
+        params,
+        chunks: Vec::new(),
+        events: tx,
+        logits: None,
+    })
+    .unwrap_or_else(|err| panic!("submit: {err}"));
     rx
 }
 
 fn wait(mut rx: mpsc::UnboundedReceiver<Event>, t0: Instant) -> Timing {
-    let mut t = Timing { first: 0.0, last: 0.0, tokens: 0, cached: 0 };
+    let mut t = Timing {
+        first: 0.0,
+        last: 0.0,
+        tokens: 0,
+        cached: 0,
+    };
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             Event::Started { cached_tokens } => t.cached = cached_tokens,
@@ -62,7 +80,9 @@ fn stats(mut v: Vec<f64>) -> serde_json::Value {
 }
 
 fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919 + salt * 104_729) % (vocab - 300) + 200) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729) % (vocab - 300) + 200) as u32)
+        .collect()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,7 +92,11 @@ fn main() -> anyhow::Result<()> {
     let e = Engine::start(
         Arc::new(loaded.model),
         loaded.tokenizer.stop_ids.clone(),
-        EngineConfig { num_blocks: 1024, step_tokens: 512, ..EngineConfig::default() },
+        EngineConfig {
+            num_blocks: 1024,
+            step_tokens: 512,
+            ..EngineConfig::default()
+        },
     );
     let v = cfg.vocab_size;
     // Warm-up (allocations, thread pool).
@@ -108,7 +132,9 @@ fn main() -> anyhow::Result<()> {
     let mut conc = Vec::new();
     for r in 0..args.reps {
         let t0 = Instant::now();
-        let rxs: Vec<_> = (0..4).map(|i| run(&e, &tokens(32, 100 + r * 4 + i, v), 128)).collect();
+        let rxs: Vec<_> = (0..4)
+            .map(|i| run(&e, &tokens(32, 100 + r * 4 + i, v), 128))
+            .collect();
         let n: usize = rxs.into_iter().map(|rx| wait(rx, t0).tokens).sum();
         conc.push(n as f64 / t0.elapsed().as_secs_f64());
     }
