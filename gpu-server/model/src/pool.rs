@@ -1,7 +1,11 @@
 //! The physical KV block pool of the compute device (host memory on the CPU backend).
 //!
-//! Layout per layer, for K and for V: `[block][slot][kv_head * head_dim]` in f32. A block id
-//! from the logical allocator indexes it directly; the pool never decides which block is used.
+//! Layout per layer, for K and for V: `[block][slot][kv_head * head_dim]` in f16, as llama.cpp
+//! keeps its cache by default (half the bytes of f32; reads widen to f32). A block id from the
+//! logical allocator indexes it directly; the pool never decides which block is used.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::config::ModelConfig;
 
@@ -11,8 +15,8 @@ pub struct KvPool {
     block_tokens: usize,
     kv_dim: usize,
     num_blocks: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
 }
 
 impl KvPool {
@@ -22,8 +26,12 @@ impl KvPool {
             block_tokens,
             kv_dim: cfg.kv_dim(),
             num_blocks,
-            k: (0..cfg.layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..cfg.layers).map(|_| vec![0.0; per_layer]).collect(),
+            k: (0..cfg.layers)
+                .map(|_| vec![f16::ZERO; per_layer])
+                .collect(),
+            v: (0..cfg.layers)
+                .map(|_| vec![f16::ZERO; per_layer])
+                .collect(),
         }
     }
 
@@ -37,7 +45,7 @@ impl KvPool {
 
     /// Bytes of K and V one token takes in this pool (all layers).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.k.len() * self.kv_dim * std::mem::size_of::<f32>()
+        2 * self.k.len() * self.kv_dim * std::mem::size_of::<f16>()
     }
 
     pub fn total_bytes(&self) -> usize {
@@ -67,8 +75,8 @@ impl KvPool {
             let Some(o) = self.offset(blocks, start + i) else {
                 return false;
             };
-            self.k[layer][o..o + d].copy_from_slice(kr);
-            self.v[layer][o..o + d].copy_from_slice(vr);
+            self.k[layer][o..o + d].convert_from_f32_slice(kr);
+            self.v[layer][o..o + d].convert_from_f32_slice(vr);
         }
         true
     }
@@ -83,16 +91,17 @@ impl KvPool {
         v: &mut Vec<f32>,
     ) -> bool {
         let d = self.kv_dim;
-        k.clear();
-        v.clear();
+        k.resize(n * d, 0.0);
+        v.resize(n * d, 0.0);
         let mut pos = 0;
         while pos < n {
             let run = (self.block_tokens - pos % self.block_tokens).min(n - pos);
             let Some(o) = self.offset(blocks, pos) else {
                 return false;
             };
-            k.extend_from_slice(&self.k[layer][o..o + run * d]);
-            v.extend_from_slice(&self.v[layer][o..o + run * d]);
+            let at = pos * d;
+            self.k[layer][o..o + run * d].convert_to_f32_slice(&mut k[at..at + run * d]);
+            self.v[layer][o..o + run * d].convert_to_f32_slice(&mut v[at..at + run * d]);
             pos += run;
         }
         true
