@@ -39,10 +39,10 @@ impl ModelConfig {
         if self.layers == 0 || self.hidden == 0 || self.heads == 0 || self.kv_heads == 0 {
             return bad("zero-sized model dimension");
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad("heads must be a multiple of kv heads");
         }
-        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return bad("head dim must be even");
         }
         if self.context_length == 0 {
