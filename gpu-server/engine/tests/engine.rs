@@ -2,6 +2,8 @@
 //! (cold, shared with a running request, after eviction), batching gives the same tokens,
 //! cancellation frees blocks, a full queue refuses.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

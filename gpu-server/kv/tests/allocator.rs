@@ -1,5 +1,7 @@
 //! Property and scenario tests of the block allocator, prefix index and chunk residency.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
+
 use kvmesh_gpu_server_kv::{
     BlockManager, BlockTable, KvConfig, ResidencyEvent, Tier, block_hashes,
 };

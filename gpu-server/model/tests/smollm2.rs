@@ -3,6 +3,8 @@
 //! the same logits as recomputing it. Needs the GGUF that `scripts/setup.sh` fetches; without
 //! it the tests print SKIP and return.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
+
 use std::path::PathBuf;
 
 use candle_core::Tensor;

@@ -2,6 +2,8 @@
 //! attention, batching changes nothing, both file formats give the same model, every
 //! supported weight type loads.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
+
 use std::path::PathBuf;
 
 use candle_core::Tensor;

@@ -1,6 +1,8 @@
 //! The server's own request parsing gives the SDK's canonical bytes and chunk hashes for every
 //! golden vector it accepts, so the chunks it reports are the ones the router computes.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
+
 use kvmesh_gpu_server_server::api::{chat_messages, prompt_text};
 use kvmesh_gpu_server_server::residency::{Message, chat_canonical};
 use kvmesh_plugins_sdk::chunk::chunk_hashes;

@@ -2,6 +2,8 @@
 //! streaming and not, usage with cached tokens, residency on the debug endpoint and
 //! /metrics, and every bad-input case with the server still serving afterwards.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
