@@ -1,0 +1,548 @@
+//! The engine thread: admission, step planning, the model call, sampling, release.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use kvmesh_gpu_server_kv::{BlockManager, BlockTable, KvConfig, ResidencyEvent, Tier};
+use kvmesh_gpu_server_model::{KvPool, Model, SeqInput};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::mpsc;
+
+use crate::report::{LoadReport, StateUpdate, Status};
+use crate::sampling::sample;
+use crate::{Event, FinishReason, Request, SubmitError};
+
+/// Scheduler limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub block_tokens: usize,
+    pub num_blocks: usize,
+    /// Tokens one step may run (decode tokens plus prefill chunks).
+    pub step_tokens: usize,
+    /// Sequences in the running batch at most.
+    pub max_running: usize,
+    /// Requests waiting for admission at most; more are refused (HTTP 429).
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_tokens: 16,
+            num_blocks: 1024,
+            step_tokens: 512,
+            max_running: 16,
+            max_waiting: 64,
+        }
+    }
+}
+
+enum Cmd {
+    Submit(Box<Request>),
+    Subscribe(mpsc::UnboundedSender<StateUpdate>),
+    ClearCache,
+}
+
+/// The caller's side of the engine; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    tx: mpsc::UnboundedSender<Cmd>,
+    waiting: Arc<AtomicUsize>,
+    status: Arc<Mutex<Status>>,
+    cfg: EngineConfig,
+    context_length: usize,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cmd::Submit(_) => "Submit",
+            Cmd::Subscribe(_) => "Subscribe",
+            Cmd::ClearCache => "ClearCache",
+        })
+    }
+}
+
+impl EngineHandle {
+    /// Queues a request, or refuses it at once when the queue is full or it cannot fit.
+    pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
+        let n = req.prompt.len();
+        if n == 0 {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        if n >= self.context_length {
+            return Err(SubmitError::TooLong {
+                prompt: n,
+                context: self.context_length,
+            });
+        }
+        let need = (n + 1).div_ceil(self.cfg.block_tokens);
+        if need > self.cfg.num_blocks {
+            return Err(SubmitError::TooLarge {
+                need,
+                have: self.cfg.num_blocks,
+            });
+        }
+        let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.cfg.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        self.tx.send(Cmd::Submit(Box::new(req))).map_err(|_| {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Stopped
+        })
+    }
+
+    /// A stream of state updates: a snapshot of the resident chunks first, then deltas and
+    /// load. Subscribing again is a resync.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<StateUpdate> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = self.tx.send(Cmd::Subscribe(tx));
+        rx
+    }
+
+    /// Drops every unreferenced cached block (tests and operators).
+    pub fn clear_cache(&self) {
+        let _ = self.tx.send(Cmd::ClearCache);
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn config(&self) -> EngineConfig {
+        self.cfg
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+}
+
+struct Seq {
+    req: Box<Request>,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    table: BlockTable,
+    rng: StdRng,
+    started: bool,
+    /// Chunks already mapped to sealed blocks.
+    chunks_mapped: usize,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.table.computed()
+    }
+    fn send(&self, e: Event) {
+        let _ = self.req.events.send(e);
+    }
+}
+
+/// The engine: owns the model, the logical cache and the physical pool.
+#[derive(Debug)]
+pub struct Engine;
+
+impl Engine {
+    /// Starts the engine thread over `model`.
+    /// Starts the engine thread over `model`; `stop` lists the tokens that end generation.
+    pub fn start(model: Arc<Model>, stop: Vec<u32>, cfg: EngineConfig) -> EngineHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let pool = KvPool::new(model.config(), cfg.num_blocks, cfg.block_tokens);
+        let status = Arc::new(Mutex::new(Status {
+            block_tokens: cfg.block_tokens,
+            pool_bytes: pool.total_bytes(),
+            pool_bytes_per_token: pool.bytes_per_token(),
+            ..Status::default()
+        }));
+        let handle = EngineHandle {
+            tx,
+            waiting: waiting.clone(),
+            status: status.clone(),
+            cfg,
+            context_length: model.config().context_length,
+        };
+        let mut core = Core {
+            mgr: BlockManager::new(KvConfig {
+                block_tokens: cfg.block_tokens,
+                num_blocks: cfg.num_blocks,
+            }),
+            pool,
+            model,
+            stop,
+            cfg,
+            rx,
+            waiting_count: waiting,
+            status,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            subscribers: Vec::new(),
+            seq: 0,
+            last_load: None,
+            stats: Status::default(),
+        };
+        std::thread::Builder::new()
+            .name("kvmesh-engine".into())
+            .spawn(move || core.run())
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!("cannot start engine thread: {e}"));
+        handle
+    }
+}
+
+struct Core {
+    mgr: BlockManager,
+    pool: KvPool,
+    model: Arc<Model>,
+    stop: Vec<u32>,
+    cfg: EngineConfig,
+    rx: mpsc::UnboundedReceiver<Cmd>,
+    waiting_count: Arc<AtomicUsize>,
+    status: Arc<Mutex<Status>>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    subscribers: Vec<mpsc::UnboundedSender<StateUpdate>>,
+    seq: u64,
+    last_load: Option<(LoadReport, Instant)>,
+    stats: Status,
+}
+
+impl Core {
+    fn run(&mut self) {
+        loop {
+            if self.waiting.is_empty() && self.running.is_empty() {
+                self.publish(true);
+                match self.rx.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.drop_cancelled();
+            self.step();
+            self.publish(false);
+        }
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Submit(req) => {
+                let rng = match req.params.seed {
+                    Some(s) => StdRng::seed_from_u64(s),
+                    None => StdRng::from_os_rng(),
+                };
+                self.waiting.push_back(Seq {
+                    tokens: req.prompt.clone(),
+                    prompt_len: req.prompt.len(),
+                    table: BlockTable::new(self.cfg.block_tokens),
+                    rng,
+                    started: false,
+                    chunks_mapped: 0,
+                    req,
+                });
+            }
+            Cmd::Subscribe(tx) => {
+                let snap = StateUpdate::Snapshot {
+                    seq: self.seq,
+                    tier: Tier::Device,
+                    resident: self.mgr.chunk_map().chunks(),
+                };
+                if tx.send(snap).is_ok() {
+                    self.subscribers.push(tx);
+                }
+                self.last_load = None;
+            }
+            Cmd::ClearCache => self.mgr.clear_cache(),
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.req.events.is_closed());
+        let gone = before - self.waiting.len();
+        self.waiting_count.fetch_sub(gone, Ordering::SeqCst);
+        self.stats.cancelled += gone as u64;
+        let mgr = &mut self.mgr;
+        let mut cancelled = 0;
+        self.running.retain_mut(|s| {
+            if s.req.events.is_closed() {
+                s.table.release(mgr);
+                cancelled += 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.stats.cancelled += cancelled;
+    }
+
+    /// Plans and runs one step.
+    fn step(&mut self) {
+        let mut budget = self.cfg.step_tokens;
+        // Running sequences first: decode tokens, then unfinished prefills, oldest first.
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens)
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let take = self.running[i].pending().min(budget);
+            let target = self.running[i].table.computed() + take;
+            let mgr = &mut self.mgr;
+            if self.running[i].table.reserve(mgr, target).is_err() {
+                // Out of blocks: preempt the newest other sequence and retry; alone, fail.
+                if self.running.len() - 1 > i {
+                    self.preempt_last();
+                    continue;
+                }
+                if plan.is_empty() && self.running.len() == 1 {
+                    let mut s = self.running.remove(0);
+                    s.table.release(&mut self.mgr);
+                    s.send(Event::Failed("KV cache too small for this sequence".into()));
+                    continue;
+                }
+                break;
+            }
+            plan.push((i, take));
+            budget -= take;
+            i += 1;
+        }
+        // Admit waiting requests while budget, batch room and blocks allow.
+        while budget > 0 && self.running.len() < self.cfg.max_running && i == self.running.len() {
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            let cached = s
+                .table
+                .adopt_prefix(&mut self.mgr, &s.tokens, s.tokens.len() - 1);
+            // Chunks of this prompt that end in reused blocks are resident through them.
+            s.chunks_mapped = 0;
+            let adopted: Vec<(usize, u64)> = s.table.hashes().iter().copied().enumerate().collect();
+            map_chunks(&mut self.mgr, &mut s, &adopted, self.cfg.block_tokens);
+            let take = s.pending().min(budget);
+            if s.table.reserve(&mut self.mgr, cached + take).is_err() {
+                s.table.release(&mut self.mgr);
+                self.waiting.push_front(s);
+                break;
+            }
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            if !s.started {
+                s.started = true;
+                self.stats.prompt_tokens += s.prompt_len as u64;
+                self.stats.cached_prompt_tokens += cached as u64;
+                s.send(Event::Started {
+                    cached_tokens: cached,
+                });
+            }
+            self.running.push(s);
+            plan.push((i, take));
+            budget -= take;
+            i += 1;
+        }
+        if plan.is_empty() {
+            return;
+        }
+        self.run_plan(&plan);
+    }
+
+    fn preempt_last(&mut self) {
+        if let Some(mut s) = self.running.pop() {
+            s.table.release(&mut self.mgr);
+            self.stats.preemptions += 1;
+            self.waiting_count.fetch_add(1, Ordering::SeqCst);
+            self.waiting.push_front(s);
+        }
+    }
+
+    fn run_plan(&mut self, plan: &[(usize, usize)]) {
+        let inputs: Vec<SeqInput<'_>> = plan
+            .iter()
+            .map(|&(i, take)| {
+                let s = &self.running[i];
+                let start = s.table.computed();
+                SeqInput {
+                    tokens: &s.tokens[start..start + take],
+                    start,
+                    blocks: s.table.ids(),
+                    all_logits: s.req.logits.is_some(),
+                }
+            })
+            .collect();
+        let result = self.model.forward(&inputs, &mut self.pool);
+        self.stats.steps += 1;
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("forward failed: {e}");
+                let mut idx: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let mut s = self.running.remove(i);
+                    s.table.release(&mut self.mgr);
+                    s.send(Event::Failed(format!("model error: {e}")));
+                }
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (&(i, take), rows) in plan.iter().zip(logits) {
+            let s = &mut self.running[i];
+            let done = s.table.computed() + take;
+            match s.table.commit(&mut self.mgr, &s.tokens, done) {
+                Ok(sealed) => map_chunks(&mut self.mgr, s, &sealed, self.cfg.block_tokens),
+                Err(e) => {
+                    s.send(Event::Failed(format!("kv: {e}")));
+                    finished.push(i);
+                    continue;
+                }
+            }
+            if let Some(tx) = &s.req.logits
+                && let Ok(rows) = rows.to_vec2::<f32>()
+            {
+                for r in rows {
+                    let _ = tx.send(r);
+                }
+            }
+            if s.pending() > 0 {
+                continue; // prefill not finished: its logits are not for a new token
+            }
+            let last = match rows
+                .get(rows.dim(0).unwrap_or(1).saturating_sub(1))
+                .and_then(|r| r.to_vec1::<f32>())
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    s.send(Event::Failed(format!("logits: {e}")));
+                    finished.push(i);
+                    continue;
+                }
+            };
+            let tok = sample(&last, &s.req.params, &mut s.rng);
+            self.stats.generated_tokens += 1;
+            let is_stop = !s.req.params.ignore_eos && self.stop.contains(&tok);
+            if is_stop {
+                s.send(Event::Finished(FinishReason::Stop));
+                finished.push(i);
+                continue;
+            }
+            s.tokens.push(tok);
+            s.send(Event::Token(tok));
+            if s.generated() >= s.req.params.max_tokens
+                || s.tokens.len() >= self.model.config().context_length
+            {
+                s.send(Event::Finished(FinishReason::Length));
+                finished.push(i);
+            }
+        }
+        finished.sort_unstable_by(|a, b| b.cmp(a));
+        finished.dedup();
+        for i in finished {
+            let mut s = self.running.remove(i);
+            s.table.release(&mut self.mgr);
+        }
+    }
+
+    /// Refreshes the shared status and sends state updates to subscribers.
+    fn publish(&mut self, force_load: bool) {
+        let events = self.mgr.take_events();
+        if !events.is_empty() {
+            let mut added = Vec::new();
+            let mut removed = Vec::new();
+            let mut cleared = false;
+            for e in events {
+                match e {
+                    ResidencyEvent::Added { chunk, .. } => added.push(chunk),
+                    ResidencyEvent::Removed { chunk, .. } => removed.push(chunk),
+                    ResidencyEvent::Cleared => cleared = true,
+                }
+            }
+            if !added.is_empty() || !removed.is_empty() {
+                self.seq += 1;
+                self.broadcast(StateUpdate::Delta {
+                    seq: self.seq,
+                    tier: Tier::Device,
+                    added,
+                    removed,
+                });
+            }
+            if cleared && self.mgr.chunk_map().is_empty() {
+                self.seq += 1;
+                self.broadcast(StateUpdate::Cleared { seq: self.seq });
+            }
+        }
+        let cache = self.mgr.stats();
+        let load = LoadReport {
+            waiting: self.waiting.len() as u32,
+            running: self.running.len() as u32,
+            queued_prefill_tokens: self
+                .waiting
+                .iter()
+                .chain(self.running.iter())
+                .map(|s| s.tokens.len().saturating_sub(s.table.computed().max(1)) as u64)
+                .sum(),
+            used_blocks: (cache.in_use + cache.cached) as u64,
+            capacity_blocks: cache.num_blocks as u64,
+        };
+        let due = match self.last_load {
+            None => true,
+            Some((prev, at)) => {
+                prev != load && (force_load || at.elapsed() >= Duration::from_millis(50))
+            }
+        };
+        if due {
+            self.last_load = Some((load, Instant::now()));
+            self.broadcast(StateUpdate::Load(load));
+        }
+        let mut st = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        let keep = std::mem::take(&mut st.resident_chunks);
+        *st = Status {
+            load,
+            cache,
+            residency_seq: self.seq,
+            resident_chunks: if keep.len() == cache.resident_chunks && st.residency_seq == self.seq
+            {
+                keep
+            } else {
+                self.mgr.chunk_map().chunks()
+            },
+            block_tokens: st.block_tokens,
+            pool_bytes: st.pool_bytes,
+            pool_bytes_per_token: st.pool_bytes_per_token,
+            ..self.stats.clone()
+        };
+    }
+
+    fn broadcast(&mut self, u: StateUpdate) {
+        self.subscribers.retain(|tx| tx.send(u.clone()).is_ok());
+    }
+}
+
+/// Maps the sequence's text chunks that end inside the newly sealed (or reused) blocks
+/// `sealed` (`(block index, hash)`, ascending) to those blocks.
+fn map_chunks(mgr: &mut BlockManager, s: &mut Seq, sealed: &[(usize, u64)], block_tokens: usize) {
+    for &(b, h) in sealed {
+        let end = (b + 1) * block_tokens;
+        let from = s.chunks_mapped;
+        let n = s.req.chunks[from..]
+            .iter()
+            .take_while(|c| c.token < end)
+            .count();
+        let hashes: Vec<u64> = s.req.chunks[from..from + n]
+            .iter()
+            .map(|c| c.hash)
+            .collect();
+        mgr.map_chunks(h, &hashes);
+        s.chunks_mapped += n;
+    }
+}

@@ -1,0 +1,265 @@
+//! The engine on a tiny random model: prefix caching gives the same logits as recompute
+//! (cold, shared with a running request, after eviction), batching gives the same tokens,
+//! cancellation frees blocks, a full queue refuses.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::GgmlDType;
+use kvmesh_gpu_server_engine::{
+    Engine, EngineConfig, EngineHandle, Event, FinishReason, Request, SamplingParams, SubmitError,
+};
+use kvmesh_gpu_server_model::tiny::{TinySpec, write_gguf};
+use tokio::sync::mpsc;
+
+const TOL: f32 = 1e-4;
+
+fn engine(cfg: EngineConfig) -> EngineHandle {
+    let p = std::env::temp_dir().join(format!("kvmesh-engine-{}.gguf", std::process::id()));
+    if !p.exists() {
+        write_gguf(
+            &p,
+            &TinySpec {
+                dtype: GgmlDType::Q8_0,
+                ..TinySpec::default()
+            },
+        )
+        .unwrap();
+    }
+    let loaded = kvmesh_gpu_server_model::load(&p).unwrap();
+    Engine::start(
+        Arc::new(loaded.model),
+        loaded.tokenizer.stop_ids.clone(),
+        cfg,
+    )
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
+}
+
+struct Run {
+    events: mpsc::UnboundedReceiver<Event>,
+    logits: mpsc::UnboundedReceiver<Vec<f32>>,
+}
+
+fn submit(e: &EngineHandle, prompt: &[u32], params: SamplingParams) -> Run {
+    let (tx, events) = mpsc::unbounded_channel();
+    let (ltx, logits) = mpsc::unbounded_channel();
+    e.submit(Request {
+        prompt: prompt.to_vec(),
+        params,
+        chunks: Vec::new(),
+        events: tx,
+        logits: Some(ltx),
+    })
+    .unwrap();
+    Run { events, logits }
+}
+
+/// (cached tokens, generated tokens, finish) of a finished run.
+fn finish(r: &mut Run) -> (usize, Vec<u32>, FinishReason) {
+    let mut cached = usize::MAX;
+    let mut toks = Vec::new();
+    loop {
+        match r.events.blocking_recv().expect("engine hung up") {
+            Event::Started { cached_tokens } => cached = cached_tokens,
+            Event::Token(t) => toks.push(t),
+            Event::Finished(f) => return (cached, toks, f),
+            Event::Failed(m) => panic!("failed: {m}"),
+        }
+    }
+}
+
+/// The logits of the last prompt token: the one row every run computes itself.
+fn last_prompt_logits(r: &mut Run, prompt_len: usize, cached: usize) -> Vec<f32> {
+    let rows: Vec<Vec<f32>> = std::iter::from_fn(|| r.logits.try_recv().ok()).collect();
+    // Rows arrive for every computed token: prompt_len - cached prompt rows, then one per
+    // decode step.
+    rows[prompt_len - cached - 1].clone()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 31 + salt * 7 + 3) % 256)
+        .collect()
+}
+
+fn wait_until(
+    e: &EngineHandle,
+    what: &str,
+    ok: impl Fn(&kvmesh_gpu_server_engine::Status) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok(&e.status()) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn cached_prefix_gives_the_same_logits_cold_shared_and_after_eviction() {
+    let e = engine(EngineConfig {
+        step_tokens: 64,
+        ..EngineConfig::default()
+    });
+    let p = prompt(100, 1);
+    // Cold.
+    let mut a = submit(&e, &p, greedy(8));
+    let (cached, toks_a, _) = finish(&mut a);
+    assert_eq!(cached, 0);
+    let cold = last_prompt_logits(&mut a, p.len(), 0);
+    // Warm: 6 full blocks (96 tokens) come from the cache.
+    let mut b = submit(&e, &p, greedy(8));
+    let (cached, toks_b, _) = finish(&mut b);
+    assert_eq!(cached, 96);
+    assert_eq!(toks_a, toks_b);
+    let warm = last_prompt_logits(&mut b, p.len(), 96);
+    assert!(
+        max_diff(&cold, &warm) < TOL,
+        "warm vs cold {}",
+        max_diff(&cold, &warm)
+    );
+    // Shared with a running request: a long-running sequence holds the prefix while a second
+    // request with the same prefix and a different tail reuses it.
+    let mut holder = submit(&e, &p, greedy(400));
+    match holder.events.blocking_recv() {
+        Some(Event::Started { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let mut p2 = p.clone();
+    p2.extend([5, 6, 7]);
+    let mut c = submit(&e, &p2, greedy(4));
+    let (cached_c, _, _) = finish(&mut c);
+    assert_eq!(cached_c, 96);
+    let shared = last_prompt_logits(&mut c, p2.len(), 96);
+    drop(holder);
+    wait_until(&e, "holder cancelled", |s| {
+        s.cancelled == 1 && s.load.running == 0
+    });
+    // After eviction: the same extended prompt recomputed from nothing.
+    e.clear_cache();
+    wait_until(&e, "cache cleared", |s| s.cache.cached == 0);
+    let mut d = submit(&e, &p2, greedy(4));
+    let (cached_d, _, _) = finish(&mut d);
+    assert_eq!(cached_d, 0);
+    let recomputed = last_prompt_logits(&mut d, p2.len(), 0);
+    assert!(
+        max_diff(&shared, &recomputed) < TOL,
+        "shared vs recompute {}",
+        max_diff(&shared, &recomputed)
+    );
+}
+
+#[test]
+fn batched_decoding_gives_the_same_tokens_as_one_at_a_time() {
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(20 + 9 * i, i as u32 + 10)).collect();
+    let e = engine(EngineConfig::default());
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            e.clear_cache();
+            finish(&mut submit(&e, p, greedy(24))).1
+        })
+        .collect();
+    let e2 = engine(EngineConfig::default());
+    let mut runs: Vec<Run> = prompts.iter().map(|p| submit(&e2, p, greedy(24))).collect();
+    let together: Vec<Vec<u32>> = runs.iter_mut().map(|r| finish(r).1).collect();
+    assert_eq!(alone, together);
+    let s = e2.status();
+    assert!(
+        s.steps < 4 * 25,
+        "requests shared steps ({} steps)",
+        s.steps
+    );
+}
+
+#[test]
+fn cancelling_frees_every_block() {
+    let e = engine(EngineConfig::default());
+    let mut r = submit(&e, &prompt(50, 3), greedy(1500));
+    assert!(matches!(
+        r.events.blocking_recv(),
+        Some(Event::Started { .. })
+    ));
+    drop(r);
+    // (The status is refreshed after each step: wait for the cancellation itself.)
+    wait_until(&e, "cancelled request released", |s| {
+        s.cancelled == 1 && s.load.running == 0 && s.cache.in_use == 0
+    });
+    let s = e.status();
+    assert_eq!(s.cache.free + s.cache.cached, s.cache.num_blocks);
+    assert_eq!(s.cancelled, 1);
+}
+
+#[test]
+fn full_queue_refuses_and_too_long_prompts_are_refused() {
+    let e = engine(EngineConfig {
+        max_running: 1,
+        max_waiting: 1,
+        ..EngineConfig::default()
+    });
+    let busy = submit(&e, &prompt(10, 4), greedy(1900));
+    wait_until(&e, "first request running", |s| s.load.running == 1);
+    let _queued = submit(&e, &prompt(10, 5), greedy(4));
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let third = e.submit(Request {
+        prompt: prompt(10, 6),
+        params: greedy(4),
+        chunks: Vec::new(),
+        events: tx,
+        logits: None,
+    });
+    assert_eq!(third, Err(SubmitError::QueueFull));
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let long = e.submit(Request {
+        prompt: prompt(5000, 6),
+        params: greedy(4),
+        chunks: Vec::new(),
+        events: tx,
+        logits: None,
+    });
+    assert!(matches!(long, Err(SubmitError::TooLong { .. })));
+    drop(busy);
+}
+
+#[test]
+fn a_small_pool_preempts_and_still_finishes_everything() {
+    // 12 blocks of 16 tokens: three sequences growing to 90 tokens cannot all fit at once.
+    let e = engine(EngineConfig {
+        num_blocks: 12,
+        ..EngineConfig::default()
+    });
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(30, 20 + i)).collect();
+    let mut runs: Vec<Run> = prompts.iter().map(|p| submit(&e, p, greedy(60))).collect();
+    let outs: Vec<Vec<u32>> = runs.iter_mut().map(|r| finish(r).1).collect();
+    assert!(outs.iter().all(|o| o.len() == 60));
+    let e2 = engine(EngineConfig::default());
+    for (p, o) in prompts.iter().zip(&outs) {
+        assert_eq!(
+            &finish(&mut submit(&e2, p, greedy(60))).1,
+            o,
+            "preemption changed the output"
+        );
+    }
+    wait_until(&e, "idle", |s| {
+        s.generated_tokens == 180 && s.load.running == 0
+    });
+    let s = e.status();
+    assert!(s.preemptions > 0, "the pool was meant to be too small");
+    assert_eq!(s.cache.in_use, 0);
+}

@@ -1,0 +1,112 @@
+//! One sequence's block table: the blocks that hold its KV, in token order.
+
+use crate::manager::{BlockManager, KvError};
+use crate::{BlockHash, BlockId, block_hash, block_hashes};
+
+/// The ids of a sequence's blocks plus how many of its tokens have KV written. The model reads
+/// and writes the physical pool through [`BlockTable::ids`]; the manager's references are
+/// returned by [`BlockTable::release`].
+#[derive(Debug, Clone, Default)]
+pub struct BlockTable {
+    block_tokens: usize,
+    ids: Vec<BlockId>,
+    hashes: Vec<BlockHash>,
+    computed: usize,
+}
+
+impl BlockTable {
+    pub fn new(block_tokens: usize) -> Self {
+        Self {
+            block_tokens: block_tokens.max(1),
+            ..Self::default()
+        }
+    }
+
+    pub fn ids(&self) -> &[BlockId] {
+        &self.ids
+    }
+
+    /// Hashes of the sealed (full) blocks, in order.
+    pub fn hashes(&self) -> &[BlockHash] {
+        &self.hashes
+    }
+
+    /// Tokens whose KV is in the pool.
+    pub fn computed(&self) -> usize {
+        self.computed
+    }
+
+    /// Takes the longest cached prefix of `tokens`, never more than `limit` tokens (so a caller
+    /// can keep the last prompt token to compute its logits). Returns the tokens reused.
+    pub fn adopt_prefix(&mut self, mgr: &mut BlockManager, tokens: &[u32], limit: usize) -> usize {
+        debug_assert!(self.ids.is_empty());
+        let full = limit.min(tokens.len()) / self.block_tokens;
+        let hashes = block_hashes(&tokens[..full * self.block_tokens], self.block_tokens);
+        let ids = mgr.acquire_prefix(&hashes);
+        self.hashes = hashes[..ids.len()].to_vec();
+        self.computed = ids.len() * self.block_tokens;
+        self.ids = ids;
+        self.computed
+    }
+
+    /// Blocks that must be allocated so that `total_tokens` fit.
+    pub fn blocks_needed(&self, total_tokens: usize) -> usize {
+        total_tokens
+            .div_ceil(self.block_tokens)
+            .saturating_sub(self.ids.len())
+    }
+
+    /// Allocates blocks until `total_tokens` fit; on failure nothing is kept.
+    pub fn reserve(&mut self, mgr: &mut BlockManager, total_tokens: usize) -> Result<(), KvError> {
+        let need = self.blocks_needed(total_tokens);
+        if need > mgr.available() {
+            return Err(KvError::OutOfBlocks);
+        }
+        let mut got = Vec::with_capacity(need);
+        for _ in 0..need {
+            match mgr.allocate() {
+                Ok(id) => got.push(id),
+                Err(e) => {
+                    mgr.release(&got);
+                    return Err(e);
+                }
+            }
+        }
+        self.ids.extend(got);
+        Ok(())
+    }
+
+    /// Records that KV for `tokens[..new_computed]` is now in the pool and seals every block
+    /// that became full. Returns `(block index, hash)` of each newly sealed block.
+    pub fn commit(
+        &mut self,
+        mgr: &mut BlockManager,
+        tokens: &[u32],
+        new_computed: usize,
+    ) -> Result<Vec<(usize, BlockHash)>, KvError> {
+        let new_computed = new_computed.min(tokens.len());
+        self.computed = self.computed.max(new_computed);
+        let mut sealed = Vec::new();
+        while (self.hashes.len() + 1) * self.block_tokens <= self.computed {
+            let i = self.hashes.len();
+            let id = *self.ids.get(i).ok_or(KvError::OutOfBlocks)?;
+            let parent = self.hashes.last().copied();
+            let h = block_hash(
+                parent,
+                &tokens[i * self.block_tokens..(i + 1) * self.block_tokens],
+            );
+            self.ids[i] = mgr.seal(id, h, parent)?;
+            self.hashes.push(h);
+            sealed.push((i, h));
+        }
+        Ok(sealed)
+    }
+
+    /// Returns every block reference to the manager; the table is empty afterwards.
+    pub fn release(&mut self, mgr: &mut BlockManager) {
+        mgr.release(&self.ids);
+        self.ids.clear();
+        self.hashes.clear();
+        self.computed = 0;
+    }
+}

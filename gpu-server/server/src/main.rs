@@ -1,0 +1,107 @@
+//! `kvmesh-gpu-server`: serves a model over the OpenAI API; `gen-tiny` writes a tiny
+//! random-weight model for tests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kvmesh_gpu_server_engine::EngineConfig;
+use kvmesh_gpu_server_model::tiny::{self, TinySpec};
+use kvmesh_gpu_server_server::{AppState, ServerConfig, serve};
+
+#[derive(Parser, Debug)]
+#[command(name = "kvmesh-gpu-server", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// A .gguf file or an HF directory (config.json, tokenizer.json, *.safetensors).
+    #[arg(
+        long,
+        env = "KVMESH_MODEL",
+        default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    model: PathBuf,
+    /// The model name clients send; also seeds the text-chunk hashes.
+    #[arg(long, default_value = "SmolLM2-135M-Instruct")]
+    model_name: String,
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_tokens: usize,
+    /// KV blocks in the device pool.
+    #[arg(long, default_value_t = 1024)]
+    kv_blocks: usize,
+    /// Tokens per engine step (decode plus prefill chunks).
+    #[arg(long, default_value_t = 512)]
+    step_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    max_running: usize,
+    /// Waiting requests beyond which new ones get 429.
+    #[arg(long, default_value_t = 64)]
+    max_waiting: usize,
+    /// Text chunk size of the residency reports (must match the routing pool's).
+    #[arg(long, default_value_t = 256)]
+    chunk_bytes: u32,
+    /// Completion length when a request sets none.
+    #[arg(long, default_value_t = 256)]
+    max_tokens_default: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Writes a tiny random-weight Llama model as GGUF (and optionally as safetensors).
+    GenTiny {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        safetensors_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    if let Some(Cmd::GenTiny {
+        out,
+        safetensors_dir,
+        seed,
+    }) = cli.cmd
+    {
+        let spec = TinySpec {
+            seed,
+            ..TinySpec::default()
+        };
+        tiny::write_gguf(&out, &spec)?;
+        if let Some(dir) = safetensors_dir {
+            tiny::write_safetensors_dir(&dir, &spec)?;
+        }
+        return Ok(());
+    }
+    let cfg = ServerConfig {
+        model_name: cli.model_name,
+        chunk_bytes: cli.chunk_bytes,
+        max_tokens_default: cli.max_tokens_default,
+        engine: EngineConfig {
+            block_tokens: cli.block_tokens,
+            num_blocks: cli.kv_blocks,
+            step_tokens: cli.step_tokens,
+            max_running: cli.max_running,
+            max_waiting: cli.max_waiting,
+        },
+    };
+    let state = AppState::load(&cli.model, &cfg)
+        .with_context(|| format!("loading {}", cli.model.display()))?;
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, model = %cfg.model_name, "serving");
+    serve(listener, state).await?;
+    Ok(())
+}
