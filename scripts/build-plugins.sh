@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 pkgs=()
 for toml in plugins/*/Cargo.toml host/fixture/Cargo.toml; do
   if grep -q 'crate-type *= *\["cdylib"\]' "$toml"; then
-    pkgs+=(-p "$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$toml" | head -n1)")
+    # First `name =` only, without a pipe (pipefail + head can SIGPIPE).
+    pkgs+=(-p "$(sed -n '0,/^name *=/s/^name *= *"\(.*\)"/\1/p' "$toml")")
   fi
 done
 if [ ${#pkgs[@]} -eq 0 ]; then
