@@ -16,4 +16,4 @@ export KVMESH_ENVOY="$(envoy_bin)"
 # Everything is installed above: a test that would skip for a missing
 # prerequisite fails instead.
 export KVMESH_NO_SKIP=1
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
