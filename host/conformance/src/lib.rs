@@ -24,8 +24,10 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The routing plugins: every cdylib crate under `plugins/`, by module name
-/// (`kvmesh-plugins-round-robin` -> `round-robin`).
+/// The routing plugins: every cdylib crate under `plugins/` built on the
+/// shared routing filter (`kvmesh-plugins-filter`), by module name
+/// (`kvmesh-plugins-round-robin` -> `round-robin`). The state pump and the
+/// diagnostic state probe are cdylibs too but route nothing.
 pub fn plugin_names() -> Vec<String> {
     let mut names = Vec::new();
     let Ok(dirs) = std::fs::read_dir(workspace_root().join("plugins")) else {
@@ -35,7 +37,7 @@ pub fn plugin_names() -> Vec<String> {
         let Ok(toml) = std::fs::read_to_string(dir.path().join("Cargo.toml")) else {
             continue;
         };
-        if !toml.contains("cdylib") {
+        if !toml.contains("cdylib") || !toml.contains("kvmesh-plugins-filter") {
             continue;
         }
         let name = toml
