@@ -16,4 +16,6 @@ export KVMESH_ENVOY="$(envoy_bin)"
 # Everything is installed above: a test that would skip for a missing
 # prerequisite fails instead.
 export KVMESH_NO_SKIP=1
+# One build per run: incremental state would only cost disk.
+export CARGO_INCREMENTAL=0
 cargo test --workspace --locked --no-fail-fast
