@@ -3,15 +3,25 @@
 //! sequences with prefill chunks of new ones under a token budget (continuous batching,
 //! chunked prefill). Requests that the client abandoned are dropped and their blocks freed.
 //!
+//! KV tiers: evicted blocks are demoted from the device pool to HOST memory and DISK slabs
+//! and promoted back on a prefix hit when the measured cost model says fetching beats
+//! recomputing ([`TierConfig`], [`Engine::start_tiered`]).
+//!
 //! It does not speak HTTP: callers [`EngineHandle::submit`] token ids and read [`Event`]s.
 
+mod cost;
+mod disk;
 mod report;
 mod sampling;
 mod scheduler;
+mod tiers;
 
-pub use report::{LoadReport, StateUpdate, Status};
+pub use cost::{FetchPolicy, TierCostReport};
+pub use disk::ScanReport;
+pub use report::{CostStatus, LoadReport, StateUpdate, Status, TierLoad, TierStatus};
 pub use sampling::{SamplingParams, sample};
-pub use scheduler::{Engine, EngineConfig, EngineHandle};
+pub use scheduler::{Engine, EngineConfig, EngineHandle, TierBlocks};
+pub use tiers::{BlockCopier, CpuCopier, DiskStatus, TierBytes, TierConfig};
 
 use tokio::sync::mpsc;
 

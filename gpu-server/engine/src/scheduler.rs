@@ -11,8 +11,9 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::mpsc;
 
-use crate::report::{LoadReport, StateUpdate, Status};
+use crate::report::{CostStatus, LoadReport, StateUpdate, Status, TierLoad, TierStatus};
 use crate::sampling::sample;
+use crate::tiers::{TierConfig, Tiers};
 use crate::{Event, FinishReason, Request, SubmitError};
 
 /// Scheduler limits.
@@ -44,7 +45,11 @@ enum Cmd {
     Submit(Box<Request>),
     Subscribe(mpsc::UnboundedSender<StateUpdate>),
     ClearCache,
+    Contents(tokio::sync::oneshot::Sender<Vec<TierBlocks>>),
 }
+
+/// A tier and its cached blocks, `(slot, block hash)` by slot.
+pub type TierBlocks = (Tier, Vec<(u32, u64)>);
 
 /// The caller's side of the engine; cheap to clone.
 #[derive(Debug, Clone)]
@@ -62,6 +67,7 @@ impl std::fmt::Debug for Cmd {
             Cmd::Submit(_) => "Submit",
             Cmd::Subscribe(_) => "Subscribe",
             Cmd::ClearCache => "ClearCache",
+            Cmd::Contents(_) => "Contents",
         })
     }
 }
@@ -110,6 +116,16 @@ impl EngineHandle {
         let _ = self.tx.send(Cmd::ClearCache);
     }
 
+    /// The cached blocks of every enabled tier: `(slot, block hash)` by slot (device: block
+    /// id). Answered between engine steps.
+    pub async fn tier_contents(&self) -> Vec<TierBlocks> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Cmd::Contents(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     pub fn status(&self) -> Status {
         self.status
             .lock()
@@ -155,12 +171,34 @@ impl Seq {
 pub struct Engine;
 
 impl Engine {
-    /// Starts the engine thread over `model`.
-    /// Starts the engine thread over `model`; `stop` lists the tokens that end generation.
+    /// Starts the engine thread over `model` with a device tier only; `stop` lists the
+    /// tokens that end generation.
     pub fn start(model: Arc<Model>, stop: Vec<u32>, cfg: EngineConfig) -> EngineHandle {
+        Self::start_tiered(model, stop, cfg, &TierConfig::default())
+    }
+
+    /// Starts the engine thread with the lower tiers of `tiers` (a disk tier that cannot be
+    /// used is turned off with a warning; valid blocks already on disk are served).
+    pub fn start_tiered(
+        model: Arc<Model>,
+        stop: Vec<u32>,
+        cfg: EngineConfig,
+        tiers: &TierConfig,
+    ) -> EngineHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let pool = KvPool::new(model.config(), cfg.num_blocks, cfg.block_tokens);
+        let (mut tiers, host_blocks, disk_blocks, found) = Tiers::new(tiers, &pool);
+        let mut mgr = BlockManager::tiered(
+            KvConfig {
+                block_tokens: cfg.block_tokens,
+                num_blocks: cfg.num_blocks,
+            },
+            host_blocks,
+            disk_blocks,
+        );
+        tiers.disk_status.restored = mgr.restore_disk(found) as u64;
+        tiers.calibrate(&pool);
         let status = Arc::new(Mutex::new(Status {
             block_tokens: cfg.block_tokens,
             pool_bytes: pool.total_bytes(),
@@ -175,10 +213,10 @@ impl Engine {
             context_length: model.config().context_length,
         };
         let mut core = Core {
-            mgr: BlockManager::new(KvConfig {
-                block_tokens: cfg.block_tokens,
-                num_blocks: cfg.num_blocks,
-            }),
+            mgr,
+            tiers,
+            resident: Default::default(),
+            resident_seq: u64::MAX,
             pool,
             model,
             stop,
@@ -193,6 +231,8 @@ impl Engine {
             last_load: None,
             stats: Status::default(),
         };
+        // The first status (tiers, disk scan) is there before `start` returns.
+        core.publish(true);
         std::thread::Builder::new()
             .name("kvmesh-engine".into())
             .spawn(move || core.run())
@@ -204,6 +244,10 @@ impl Engine {
 
 struct Core {
     mgr: BlockManager,
+    tiers: Tiers,
+    /// Resident chunks per tier as of `resident_seq`.
+    resident: [Vec<u64>; 3],
+    resident_seq: u64,
     pool: KvPool,
     model: Arc<Model>,
     stop: Vec<u32>,
@@ -222,7 +266,10 @@ struct Core {
 impl Core {
     fn run(&mut self) {
         loop {
+            self.tiers.poll(&mut self.mgr);
             if self.waiting.is_empty() && self.running.is_empty() {
+                // Idle: let queued disk writes land so the status is final.
+                self.tiers.flush(&mut self.mgr);
                 self.publish(true);
                 match self.rx.blocking_recv() {
                     Some(cmd) => self.handle(cmd),
@@ -256,17 +303,40 @@ impl Core {
                 });
             }
             Cmd::Subscribe(tx) => {
-                let snap = StateUpdate::Snapshot {
-                    seq: self.seq,
-                    tier: Tier::Device,
-                    resident: self.mgr.chunk_map().chunks(),
-                };
-                if tx.send(snap).is_ok() {
+                // Pending events first, so the snapshots are exactly the state at `seq`.
+                self.publish(false);
+                let mut ok = true;
+                for tier in Tier::ALL {
+                    if tier != Tier::Device && self.mgr.capacity(tier) == 0 {
+                        continue;
+                    }
+                    ok &= tx
+                        .send(StateUpdate::Snapshot {
+                            seq: self.seq,
+                            tier,
+                            resident: self.mgr.resident_chunks(tier),
+                        })
+                        .is_ok();
+                }
+                if ok {
                     self.subscribers.push(tx);
                 }
                 self.last_load = None;
             }
-            Cmd::ClearCache => self.mgr.clear_cache(),
+            Cmd::Contents(tx) => {
+                let v = Tier::ALL
+                    .into_iter()
+                    .filter(|&t| t == Tier::Device || self.mgr.capacity(t) > 0)
+                    .map(|t| (t, self.mgr.tier_contents(t)))
+                    .collect();
+                let _ = tx.send(v);
+            }
+            Cmd::ClearCache => {
+                self.mgr.clear_cache();
+                let moves = self.mgr.take_moves();
+                self.tiers.apply(&mut self.pool, moves);
+                self.tiers.trim_staged(&self.mgr);
+            }
         }
     }
 
@@ -323,9 +393,19 @@ impl Core {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
+            // Disk blocks of the prefix are read and verified first, so a promotion can
+            // never bring in a bad copy; then the prefix is taken, promoting what the cost
+            // model says is faster to fetch than to recompute.
+            let limit = s.tokens.len() - 1;
+            let hashes = s.table.prefix_hashes(&s.tokens, limit);
+            let places = self.mgr.locate_prefix(&hashes);
+            self.tiers.stage(&mut self.mgr, &hashes, &places);
+            let tiers = &self.tiers;
             let cached = s
                 .table
-                .adopt_prefix(&mut self.mgr, &s.tokens, s.tokens.len() - 1);
+                .adopt_prefix_with(&mut self.mgr, &s.tokens, limit, &mut |p, h| {
+                    tiers.fetch(p, h)
+                });
             // Chunks of this prompt that end in reused blocks are resident through them.
             s.chunks_mapped = 0;
             let adopted: Vec<(usize, u64)> = s.table.hashes().iter().copied().enumerate().collect();
@@ -349,6 +429,13 @@ impl Core {
             plan.push((i, take));
             budget -= take;
             i += 1;
+        }
+        // Demotions (from allocations) and promotions (from admissions) are copied before
+        // the forward pass writes into any reused block.
+        let moves = self.mgr.take_moves();
+        if !moves.is_empty() {
+            self.tiers.apply(&mut self.pool, moves);
+            self.tiers.trim_staged(&self.mgr);
         }
         if plan.is_empty() {
             return;
@@ -379,7 +466,14 @@ impl Core {
                 }
             })
             .collect();
+        let started = Instant::now();
         let result = self.model.forward(&inputs, &mut self.pool);
+        let secs = started.elapsed().as_secs_f64();
+        let prefill: usize = plan.iter().map(|&(_, t)| t).filter(|&t| t > 1).sum();
+        if prefill >= 32 {
+            let total: usize = plan.iter().map(|&(_, t)| t).sum();
+            self.tiers.cost.record_prefill(total, secs);
+        }
         self.stats.steps += 1;
         let logits = match result {
             Ok(l) => l,
@@ -457,24 +551,48 @@ impl Core {
     fn publish(&mut self, force_load: bool) {
         let events = self.mgr.take_events();
         if !events.is_empty() {
-            let mut added = Vec::new();
-            let mut removed = Vec::new();
+            // Net change per tier (a block demoted and promoted back within one step is no
+            // change), in first-seen order.
+            let mut net: Vec<(Tier, u64, i32)> = Vec::new();
+            let mut at: std::collections::HashMap<(Tier, u64), usize> = Default::default();
             let mut cleared = false;
             for e in events {
-                match e {
-                    ResidencyEvent::Added { chunk, .. } => added.push(chunk),
-                    ResidencyEvent::Removed { chunk, .. } => removed.push(chunk),
-                    ResidencyEvent::Cleared => cleared = true,
+                let (tier, chunk, d) = match e {
+                    ResidencyEvent::Added { chunk, tier } => (tier, chunk, 1),
+                    ResidencyEvent::Removed { chunk, tier } => (tier, chunk, -1),
+                    ResidencyEvent::Cleared => {
+                        cleared = true;
+                        continue;
+                    }
+                };
+                match at.get(&(tier, chunk)) {
+                    Some(&i) => net[i].2 += d,
+                    None => {
+                        at.insert((tier, chunk), net.len());
+                        net.push((tier, chunk, d));
+                    }
                 }
             }
-            if !added.is_empty() || !removed.is_empty() {
-                self.seq += 1;
-                self.broadcast(StateUpdate::Delta {
-                    seq: self.seq,
-                    tier: Tier::Device,
-                    added,
-                    removed,
-                });
+            for tier in Tier::ALL {
+                let added: Vec<u64> = net
+                    .iter()
+                    .filter(|&&(t, _, d)| t == tier && d > 0)
+                    .map(|&(_, c, _)| c)
+                    .collect();
+                let removed: Vec<u64> = net
+                    .iter()
+                    .filter(|&&(t, _, d)| t == tier && d < 0)
+                    .map(|&(_, c, _)| c)
+                    .collect();
+                if !added.is_empty() || !removed.is_empty() {
+                    self.seq += 1;
+                    self.broadcast(StateUpdate::Delta {
+                        seq: self.seq,
+                        tier,
+                        added,
+                        removed,
+                    });
+                }
             }
             if cleared && self.mgr.chunk_map().is_empty() {
                 self.seq += 1;
@@ -482,6 +600,18 @@ impl Core {
             }
         }
         let cache = self.mgr.stats();
+        let tiers: Vec<TierLoad> = Tier::ALL
+            .into_iter()
+            .filter(|&t| t == Tier::Device || self.mgr.capacity(t) > 0)
+            .map(|tier| {
+                let c = self.mgr.tier_counters(tier);
+                TierLoad {
+                    tier,
+                    used_blocks: c.used_blocks,
+                    capacity_blocks: c.capacity_blocks,
+                }
+            })
+            .collect();
         let load = LoadReport {
             waiting: self.waiting.len() as u32,
             running: self.running.len() as u32,
@@ -493,32 +623,54 @@ impl Core {
                 .sum(),
             used_blocks: (cache.in_use + cache.cached) as u64,
             capacity_blocks: cache.num_blocks as u64,
+            tiers,
         };
-        let due = match self.last_load {
+        let due = match &self.last_load {
             None => true,
             Some((prev, at)) => {
-                prev != load && (force_load || at.elapsed() >= Duration::from_millis(50))
+                *prev != load && (force_load || at.elapsed() >= Duration::from_millis(50))
             }
         };
         if due {
-            self.last_load = Some((load, Instant::now()));
-            self.broadcast(StateUpdate::Load(load));
+            self.last_load = Some((load.clone(), Instant::now()));
+            self.broadcast(StateUpdate::Load(load.clone()));
         }
+        if self.resident_seq != self.seq {
+            self.resident_seq = self.seq;
+            for (i, t) in Tier::ALL.into_iter().enumerate() {
+                self.resident[i] = self.mgr.resident_chunks(t);
+            }
+        }
+        self.tiers.update_disk_status();
+        let tier_status: Vec<TierStatus> = Tier::ALL
+            .into_iter()
+            .enumerate()
+            .map(|(i, tier)| TierStatus {
+                tier,
+                enabled: tier == Tier::Device || self.mgr.capacity(tier) > 0,
+                counters: self.mgr.tier_counters(tier),
+                bytes: self.tiers.bytes[i],
+                cost: self.tiers.cost.report(tier),
+                resident_chunks: self.resident[i].clone(),
+            })
+            .collect();
+        let cost = CostStatus {
+            policy: self.tiers.cost.policy,
+            recompute_tokens_per_s: self.tiers.cost.prefill_tps.get(),
+            block_bytes: self.tiers.block_bytes(),
+        };
         let mut st = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-        let keep = std::mem::take(&mut st.resident_chunks);
         *st = Status {
             load,
             cache,
             residency_seq: self.seq,
-            resident_chunks: if keep.len() == cache.resident_chunks && st.residency_seq == self.seq
-            {
-                keep
-            } else {
-                self.mgr.chunk_map().chunks()
-            },
+            resident_chunks: self.resident[0].clone(),
             block_tokens: st.block_tokens,
             pool_bytes: st.pool_bytes,
             pool_bytes_per_token: st.pool_bytes_per_token,
+            tiers: tier_status,
+            cost,
+            disk: self.tiers.disk_status.clone(),
             ..self.stats.clone()
         };
     }

@@ -11,13 +11,26 @@ use serde::Serialize;
 
 use crate::BlockHash;
 
-/// Where a block (and so a chunk) is held; mirrors `kvmesh.v1.Tier`. Only `Device` is used
-/// until the tiered cache lands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+/// Where a block (and so a chunk) is held; mirrors `kvmesh.v1.Tier`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Tier {
     Device,
     Host,
     Disk,
+}
+
+impl Tier {
+    /// Every tier, fastest first.
+    pub const ALL: [Tier; 3] = [Tier::Device, Tier::Host, Tier::Disk];
+
+    /// Lower-case name for metrics labels and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Device => "device",
+            Tier::Host => "host",
+            Tier::Disk => "disk",
+        }
+    }
 }
 
 /// A change in which text chunks are resident.
@@ -61,6 +74,21 @@ impl ChunkMap {
             self.by_chunk.remove(c);
         }
         chunks
+    }
+
+    /// The chunks mapped to `block`.
+    pub fn chunks_of(&self, block: BlockHash) -> &[u64] {
+        self.by_block.get(&block).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every block with chunks, and its chunks.
+    pub fn blocks(&self) -> impl Iterator<Item = (BlockHash, &[u64])> + '_ {
+        self.by_block.iter().map(|(&h, v)| (h, v.as_slice()))
+    }
+
+    /// Every (chunk, block) pair.
+    pub fn entries(&self) -> impl Iterator<Item = (&u64, &BlockHash)> + '_ {
+        self.by_chunk.iter()
     }
 
     pub fn contains(&self, chunk: u64) -> bool {

@@ -6,14 +6,20 @@
 //! Lifecycle of a block: `Free -> Filling` ([`BlockManager::allocate`]) `-> Sealed`
 //! ([`BlockManager::seal`]: full, hashed, indexed for prefix reuse) `-> Free` again when it is
 //! evicted from the LRU of unreferenced sealed blocks or released unsealed.
+//!
+//! Tiers: a cached block is in exactly one [`Place`]: the device pool, a HOST slot or a DISK
+//! slot. Eviction demotes down the enabled tiers, a prefix hit promotes back into the device
+//! pool, and each copy that implies is handed to the physical layer as a [`Move`].
 
 mod chunks;
 mod manager;
 mod table;
+mod tiers;
 
 pub use chunks::{ChunkMap, ResidencyEvent, Tier};
-pub use manager::{BlockManager, CacheStats, KvConfig, KvError};
+pub use manager::{BlockManager, CacheStats, KvConfig, KvError, RestoredBlock};
 pub use table::BlockTable;
+pub use tiers::{Move, Place, TierCounters};
 
 /// Index of a block in the physical pool.
 pub type BlockId = u32;

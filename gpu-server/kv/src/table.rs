@@ -1,6 +1,7 @@
 //! One sequence's block table: the blocks that hold its KV, in token order.
 
 use crate::manager::{BlockManager, KvError};
+use crate::tiers::Place;
 use crate::{BlockHash, BlockId, block_hash, block_hashes};
 
 /// The ids of a sequence's blocks plus how many of its tokens have KV written. The model reads
@@ -39,10 +40,28 @@ impl BlockTable {
     /// Takes the longest cached prefix of `tokens`, never more than `limit` tokens (so a caller
     /// can keep the last prompt token to compute its logits). Returns the tokens reused.
     pub fn adopt_prefix(&mut self, mgr: &mut BlockManager, tokens: &[u32], limit: usize) -> usize {
-        debug_assert!(self.ids.is_empty());
+        self.adopt_prefix_with(mgr, tokens, limit, &mut |_, _| true)
+    }
+
+    /// Hashes of the full blocks of `tokens[..limit]` (what [`BlockTable::adopt_prefix`] looks
+    /// up).
+    pub fn prefix_hashes(&self, tokens: &[u32], limit: usize) -> Vec<BlockHash> {
         let full = limit.min(tokens.len()) / self.block_tokens;
-        let hashes = block_hashes(&tokens[..full * self.block_tokens], self.block_tokens);
-        let ids = mgr.acquire_prefix(&hashes);
+        block_hashes(&tokens[..full * self.block_tokens], self.block_tokens)
+    }
+
+    /// [`BlockTable::adopt_prefix`] where a lower-tier block is fetched only if `fetch`
+    /// agrees (see [`BlockManager::acquire_prefix_with`]).
+    pub fn adopt_prefix_with(
+        &mut self,
+        mgr: &mut BlockManager,
+        tokens: &[u32],
+        limit: usize,
+        fetch: &mut dyn FnMut(Place, BlockHash) -> bool,
+    ) -> usize {
+        debug_assert!(self.ids.is_empty());
+        let hashes = self.prefix_hashes(tokens, limit);
+        let ids = mgr.acquire_prefix_with(&hashes, fetch);
         self.hashes = hashes[..ids.len()].to_vec();
         self.computed = ids.len() * self.block_tokens;
         self.ids = ids;

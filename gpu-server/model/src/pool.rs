@@ -1,8 +1,10 @@
 //! The physical KV block pool of the compute device (host memory on the CPU backend).
 //!
-//! Layout per layer, for K and for V: `[block][slot][kv_head * head_dim]` in f16, as llama.cpp
-//! keeps its cache by default (half the bytes of f32; reads widen to f32). A block id from the
-//! logical allocator indexes it directly; the pool never decides which block is used.
+//! Layout, block-major: `[block][layer][K|V][slot][kv_head * head_dim]` in f16, as llama.cpp
+//! keeps its cache by default (half the bytes of f32; reads widen to f32). A block is one
+//! contiguous run of bytes, so moving it to another tier is a single copy
+//! ([`KvPool::block_bytes`]). A block id from the logical allocator indexes it directly; the
+//! pool never decides which block is used.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -14,24 +16,20 @@ use crate::config::ModelConfig;
 pub struct KvPool {
     block_tokens: usize,
     kv_dim: usize,
+    layers: usize,
     num_blocks: usize,
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
+    data: Vec<f16>,
 }
 
 impl KvPool {
     pub fn new(cfg: &ModelConfig, num_blocks: usize, block_tokens: usize) -> Self {
-        let per_layer = num_blocks * block_tokens * cfg.kv_dim();
+        let block = 2 * cfg.layers * block_tokens * cfg.kv_dim();
         Self {
             block_tokens,
             kv_dim: cfg.kv_dim(),
+            layers: cfg.layers,
             num_blocks,
-            k: (0..cfg.layers)
-                .map(|_| vec![f16::ZERO; per_layer])
-                .collect(),
-            v: (0..cfg.layers)
-                .map(|_| vec![f16::ZERO; per_layer])
-                .collect(),
+            data: vec![f16::ZERO; num_blocks * block],
         }
     }
 
@@ -45,19 +43,52 @@ impl KvPool {
 
     /// Bytes of K and V one token takes in this pool (all layers).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.k.len() * self.kv_dim * std::mem::size_of::<f16>()
+        2 * self.layers * self.kv_dim * std::mem::size_of::<f16>()
+    }
+
+    /// Bytes of one block (all layers, K and V).
+    pub fn block_bytes_len(&self) -> usize {
+        self.bytes_per_token() * self.block_tokens
     }
 
     pub fn total_bytes(&self) -> usize {
-        self.bytes_per_token() * self.num_blocks * self.block_tokens
+        self.block_bytes_len() * self.num_blocks
     }
 
-    fn offset(&self, blocks: &[u32], pos: usize) -> Option<usize> {
+    fn block_elems(&self) -> usize {
+        2 * self.layers * self.block_tokens * self.kv_dim
+    }
+
+    /// The bytes of block `id` (for copies to another tier); `None` outside the pool.
+    pub fn block_bytes(&self, id: u32) -> Option<&[u8]> {
+        let n = self.block_elems();
+        let at = id as usize * n;
+        self.data
+            .get(at..at + n)
+            .map(bytemuck::cast_slice::<f16, u8>)
+    }
+
+    /// The bytes of block `id`, writable (for copies from another tier).
+    pub fn block_bytes_mut(&mut self, id: u32) -> Option<&mut [u8]> {
+        let n = self.block_elems();
+        let at = id as usize * n;
+        self.data
+            .get_mut(at..at + n)
+            .map(bytemuck::cast_slice_mut::<f16, u8>)
+    }
+
+    /// Element offset of `pos` of `layer`'s K (`kv` 0) or V (`kv` 1).
+    fn offset(&self, blocks: &[u32], layer: usize, kv: usize, pos: usize) -> Option<usize> {
         let block = *blocks.get(pos / self.block_tokens)? as usize;
         if block >= self.num_blocks {
             return None;
         }
-        Some((block * self.block_tokens + pos % self.block_tokens) * self.kv_dim)
+        let run = self.block_tokens * self.kv_dim;
+        Some(
+            block * self.block_elems()
+                + (layer * 2 + kv) * run
+                + (pos % self.block_tokens) * self.kv_dim,
+        )
     }
 
     /// Writes the K and V rows of the tokens at `start..start + n` (rows of `kv_dim` floats).
@@ -72,11 +103,14 @@ impl KvPool {
     ) -> bool {
         let d = self.kv_dim;
         for (i, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
-            let Some(o) = self.offset(blocks, start + i) else {
+            let (Some(ok), Some(ov)) = (
+                self.offset(blocks, layer, 0, start + i),
+                self.offset(blocks, layer, 1, start + i),
+            ) else {
                 return false;
             };
-            self.k[layer][o..o + d].convert_from_f32_slice(kr);
-            self.v[layer][o..o + d].convert_from_f32_slice(vr);
+            self.data[ok..ok + d].convert_from_f32_slice(kr);
+            self.data[ov..ov + d].convert_from_f32_slice(vr);
         }
         true
     }
@@ -96,12 +130,15 @@ impl KvPool {
         let mut pos = 0;
         while pos < n {
             let run = (self.block_tokens - pos % self.block_tokens).min(n - pos);
-            let Some(o) = self.offset(blocks, pos) else {
+            let (Some(ok), Some(ov)) = (
+                self.offset(blocks, layer, 0, pos),
+                self.offset(blocks, layer, 1, pos),
+            ) else {
                 return false;
             };
             let at = pos * d;
-            self.k[layer][o..o + run * d].convert_to_f32_slice(&mut k[at..at + run * d]);
-            self.v[layer][o..o + run * d].convert_to_f32_slice(&mut v[at..at + run * d]);
+            self.data[ok..ok + run * d].convert_to_f32_slice(&mut k[at..at + run * d]);
+            self.data[ov..ov + run * d].convert_to_f32_slice(&mut v[at..at + run * d]);
             pos += run;
         }
         true

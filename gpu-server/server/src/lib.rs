@@ -8,12 +8,12 @@ mod metrics;
 pub mod residency;
 mod routes;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::{get, post};
-use kvmesh_gpu_server_engine::{Engine, EngineConfig, EngineHandle};
+use kvmesh_gpu_server_engine::{Engine, EngineConfig, EngineHandle, FetchPolicy, TierConfig};
 use kvmesh_gpu_server_model::{ChatTemplate, Tokenizer};
 
 pub use error::ApiError;
@@ -42,6 +42,92 @@ pub struct ServerConfig {
     pub chunk_bytes: u32,
     pub max_tokens_default: usize,
     pub engine: EngineConfig,
+    pub kv: KvTiers,
+}
+
+/// KV tier sizes as the operator (or the controller's `KVMESH_KV_*` variables) gives them, in
+/// bytes: `None` takes the server default, `Some(0)` turns a tier off.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KvTiers {
+    /// Device tier; when set it overrides `EngineConfig::num_blocks`. Cannot be 0.
+    pub device_bytes: Option<u64>,
+    pub host_bytes: Option<u64>,
+    pub disk_bytes: Option<u64>,
+    /// The disk tier is off without a directory.
+    pub disk_dir: Option<PathBuf>,
+    pub fetch: FetchPolicy,
+}
+
+/// HOST tier size when none is given.
+pub const DEFAULT_HOST_BYTES: u64 = 512 << 20;
+/// DISK tier size when a directory but no size is given.
+pub const DEFAULT_DISK_BYTES: u64 = 2 << 30;
+
+impl KvTiers {
+    /// Block counts for blocks of `block_bytes`: `(device, tier config)`.
+    pub fn resolve(
+        &self,
+        block_bytes: usize,
+        device_blocks: usize,
+        model_tag: u64,
+    ) -> anyhow::Result<(usize, TierConfig)> {
+        let blocks = |b: u64| (b / block_bytes.max(1) as u64) as usize;
+        let device = match self.device_bytes {
+            None => device_blocks,
+            Some(0) => anyhow::bail!("the device KV tier cannot be off (device bytes = 0)"),
+            Some(b) if blocks(b) == 0 => {
+                anyhow::bail!("device KV tier of {b} bytes holds no {block_bytes}-byte block")
+            }
+            Some(b) => blocks(b),
+        };
+        let host_blocks = blocks(self.host_bytes.unwrap_or(DEFAULT_HOST_BYTES));
+        let disk_blocks = match (&self.disk_dir, self.disk_bytes) {
+            (Some(_), None) => blocks(DEFAULT_DISK_BYTES),
+            (_, Some(b)) => blocks(b),
+            (None, None) => 0,
+        };
+        Ok((
+            device,
+            TierConfig {
+                host_blocks,
+                disk_blocks,
+                disk_dir: self.disk_dir.clone(),
+                model_tag,
+                fetch: self.fetch,
+            },
+        ))
+    }
+}
+
+/// A hash of the model's weight files (disk KV blocks are only served to the same weights).
+fn model_tag(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            let p = e?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.ends_with(".safetensors") || name == "config.json" {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut r = std::fs::File::open(&f)?;
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(h.digest())
 }
 
 impl AppState {
@@ -50,7 +136,22 @@ impl AppState {
         let loaded = kvmesh_gpu_server_model::load(path)?;
         let kv_bytes_per_token_f16 = loaded.model.config().kv_bytes_per_token_f16();
         let stop = loaded.tokenizer.stop_ids.clone();
-        let engine = Engine::start(Arc::new(loaded.model), stop, cfg.engine);
+        let block_bytes = kv_bytes_per_token_f16 * cfg.engine.block_tokens;
+        let (num_blocks, tiers) =
+            cfg.kv
+                .resolve(block_bytes, cfg.engine.num_blocks, model_tag(path)?)?;
+        let engine_cfg = EngineConfig {
+            num_blocks,
+            ..cfg.engine
+        };
+        tracing::info!(
+            device_blocks = num_blocks,
+            host_blocks = tiers.host_blocks,
+            disk_blocks = tiers.disk_blocks,
+            block_bytes,
+            "KV tiers"
+        );
+        let engine = Engine::start_tiered(Arc::new(loaded.model), stop, engine_cfg, &tiers);
         Ok(Arc::new(Self {
             metrics: Metrics::new(engine.clone()),
             engine,

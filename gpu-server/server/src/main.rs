@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kvmesh_gpu_server_engine::EngineConfig;
+use kvmesh_gpu_server_engine::{EngineConfig, FetchPolicy};
 use kvmesh_gpu_server_model::tiny::{self, TinySpec};
-use kvmesh_gpu_server_server::{AppState, ServerConfig, serve};
+use kvmesh_gpu_server_server::{AppState, KvTiers, ServerConfig, serve};
 
 #[derive(Parser, Debug)]
 #[command(name = "kvmesh-gpu-server", version, about)]
@@ -30,9 +30,25 @@ struct Cli {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_tokens: usize,
-    /// KV blocks in the device pool.
+    /// KV blocks in the device pool (`--kv-device-bytes` wins when both are given).
     #[arg(long, default_value_t = 1024)]
     kv_blocks: usize,
+    /// Device KV tier in bytes (must not be 0).
+    #[arg(long, env = "KVMESH_KV_DEVICE_BYTES")]
+    kv_device_bytes: Option<u64>,
+    /// Host (DRAM) KV tier in bytes; 0 = off; default 512 MiB.
+    #[arg(long, env = "KVMESH_KV_HOST_BYTES")]
+    kv_host_bytes: Option<u64>,
+    /// Disk KV tier in bytes; 0 = off; default 2 GiB when a directory is given.
+    #[arg(long, env = "KVMESH_KV_DISK_BYTES")]
+    kv_disk_bytes: Option<u64>,
+    /// Directory of the disk tier's slab files (the tier is off without one).
+    #[arg(long, env = "KVMESH_KV_DISK_DIR")]
+    kv_disk_dir: Option<PathBuf>,
+    /// Fetch cached blocks from HOST/DISK when the measured cost model says it beats
+    /// recomputing (`cost`), or always (`always`).
+    #[arg(long, default_value = "cost", value_parser = ["cost", "always"])]
+    kv_fetch: String,
     /// Tokens per engine step (decode plus prefill chunks).
     #[arg(long, default_value_t = 512)]
     step_tokens: usize,
@@ -96,6 +112,17 @@ async fn main() -> anyhow::Result<()> {
             step_tokens: cli.step_tokens,
             max_running: cli.max_running,
             max_waiting: cli.max_waiting,
+        },
+        kv: KvTiers {
+            device_bytes: cli.kv_device_bytes,
+            host_bytes: cli.kv_host_bytes,
+            disk_bytes: cli.kv_disk_bytes,
+            disk_dir: cli.kv_disk_dir,
+            fetch: if cli.kv_fetch == "always" {
+                FetchPolicy::Always
+            } else {
+                FetchPolicy::CostModel
+            },
         },
     };
     let state = AppState::load(&cli.model, &cfg)

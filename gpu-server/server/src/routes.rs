@@ -72,9 +72,36 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// The cache state as JSON: load, block counts, resident chunk hashes (hex).
+/// The cache state as JSON: load, block counts, resident chunk hashes (hex), and per tier its
+/// counters, measured costs, resident chunks and blocks (`slot`, block hash).
 pub(crate) async fn debug_cache(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let contents = state.engine.tier_contents().await;
     let s = state.engine.status();
+    let hex = |v: &[u64]| -> Vec<String> { v.iter().map(|c| format!("{c:016x}")).collect() };
+    let tiers: Vec<Value> = s
+        .tiers
+        .iter()
+        .map(|t| {
+            let blocks: Vec<Value> = contents
+                .iter()
+                .find(|(tier, _)| *tier == t.tier)
+                .map(|(_, b)| {
+                    b.iter()
+                        .map(|(slot, h)| json!({"slot": slot, "block": format!("{h:016x}")}))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "tier": t.tier,
+                "enabled": t.enabled,
+                "counters": t.counters,
+                "bytes": t.bytes,
+                "cost": t.cost,
+                "resident_chunks": hex(&t.resident_chunks),
+                "blocks": blocks,
+            })
+        })
+        .collect();
     let chunks: Vec<String> = s
         .resident_chunks
         .iter()
@@ -97,6 +124,9 @@ pub(crate) async fn debug_cache(State(state): State<Arc<AppState>>) -> Json<Valu
         "generated_tokens": s.generated_tokens,
         "preemptions": s.preemptions,
         "cancelled": s.cancelled,
+        "tiers": tiers,
+        "cost_model": s.cost,
+        "disk": s.disk,
     }))
 }
 

@@ -31,6 +31,7 @@ async fn start(engine: EngineConfig) -> Server {
         chunk_bytes: 256,
         max_tokens_default: 16,
         engine,
+        kv: kvmesh_gpu_server_server::KvTiers::default(),
     };
     let state = AppState::load(&p, &cfg).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

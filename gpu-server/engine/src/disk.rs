@@ -1,0 +1,471 @@
+//! The DISK tier's storage: preallocated slab files of fixed-size slots, one block per slot,
+//! each with a header (block hash, parent, text chunks, write order, layout tag) and one xxh3
+//! checksum over header and payload. Writes go to a background thread, so the engine never
+//! waits for the disk when it demotes; until a write is done its buffer serves reads.
+//! On start the slabs are scanned: valid slots of the same layout are handed back for warm
+//! restart, torn or corrupt ones are counted and left free.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use kvmesh_gpu_server_kv::{BlockHash, RestoredBlock};
+use serde::Serialize;
+use xxhash_rust::xxh3::Xxh3;
+
+const MAGIC: &[u8; 8] = b"KVMSLAB1";
+/// Header bytes; the payload starts page-aligned after it.
+pub(crate) const HEADER: usize = 4096;
+/// Chunk hashes a header holds at most (a 16-token block ends few 256-byte chunks).
+const MAX_CHUNKS: usize = 64;
+const PAGE: usize = 4096;
+/// Slab files are cut at about this size.
+const FILE_BYTES: usize = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DiskError {
+    #[error("disk tier directory {0}: {1}")]
+    Dir(PathBuf, std::io::Error),
+    #[error("slab file {0}: {1}")]
+    Slab(PathBuf, std::io::Error),
+    #[error("the disk tier needs {need} bytes but only {free} are free")]
+    Full { need: u64, free: u64 },
+    #[error("cannot start the disk writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What the start-up scan found.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ScanReport {
+    pub valid: u64,
+    /// Torn or corrupt slots (bad checksum, bad header): dropped.
+    pub corrupt: u64,
+    /// Slots written for another model or block layout: dropped.
+    pub foreign: u64,
+}
+
+/// Why a read did not give the block.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum ReadError {
+    #[error("io: {0}")]
+    Io(String),
+    #[error("slot {0} does not hold a valid copy of the block")]
+    Invalid(u32),
+}
+
+enum Job {
+    Write {
+        slot: u32,
+        seq: u64,
+        buf: Arc<Vec<u8>>,
+    },
+}
+
+struct Done {
+    slot: u32,
+    seq: u64,
+    result: Result<(), String>,
+}
+
+/// The slabs and their writer.
+#[derive(Debug)]
+pub(crate) struct DiskStore {
+    dir: PathBuf,
+    slots: usize,
+    slot_bytes: usize,
+    payload: usize,
+    per_file: usize,
+    files: Vec<Arc<File>>,
+    layout: u64,
+    tx: Option<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<Done>,
+    /// Slot -> (write generation, hash, slot image) while the write is in flight.
+    pending: HashMap<u32, (u64, BlockHash, Arc<Vec<u8>>)>,
+    seq: u64,
+    pub(crate) writes: u64,
+    pub(crate) write_errors: u64,
+    pub(crate) reads: u64,
+    pub(crate) read_errors: u64,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Done")
+    }
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+impl DiskStore {
+    /// Opens (creating and preallocating as needed) `slots` slots of `payload` bytes under
+    /// `dir` and scans them. Fails if the directory cannot be used or the space cannot be
+    /// reserved.
+    pub(crate) fn open(
+        dir: &Path,
+        slots: usize,
+        payload: usize,
+        layout: u64,
+    ) -> Result<(Self, Vec<RestoredBlock>, ScanReport), DiskError> {
+        std::fs::create_dir_all(dir).map_err(|e| DiskError::Dir(dir.to_path_buf(), e))?;
+        let slot_bytes = HEADER + round_up(payload, PAGE);
+        let per_file = (FILE_BYTES / slot_bytes).max(1);
+        // A disk that cannot hold the whole tier is refused up front (files already there
+        // count as space of ours).
+        let need = (slots * slot_bytes) as u64;
+        let have_files: u64 = std::fs::read_dir(dir)
+            .map_err(|e| DiskError::Dir(dir.to_path_buf(), e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("slab-"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        let st =
+            rustix::fs::statvfs(dir).map_err(|e| DiskError::Dir(dir.to_path_buf(), e.into()))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if need > free.saturating_add(have_files) {
+            return Err(DiskError::Full { need, free });
+        }
+        let mut files = Vec::new();
+        let mut left = slots;
+        let mut i = 0;
+        while left > 0 {
+            let n = left.min(per_file);
+            let path = dir.join(format!("slab-{i:04}.kv"));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| DiskError::Slab(path.clone(), e))?;
+            let len = (n * slot_bytes) as u64;
+            // Reserve the space now: a disk that cannot hold the tier fails here, not later.
+            rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len)
+                .map_err(|e| DiskError::Slab(path.clone(), e.into()))?;
+            files.push(Arc::new(f));
+            left -= n;
+            i += 1;
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (done_tx, done) = mpsc::channel::<Done>();
+        let writer_files = files.clone();
+        std::thread::Builder::new()
+            .name("kvmesh-kv-disk".into())
+            .spawn(move || {
+                for job in rx {
+                    let Job::Write { slot, seq, buf } = job;
+                    let (f, off) = locate(&writer_files, per_file, slot_bytes, slot);
+                    let result = f.write_all_at(&buf, off).map_err(|e| e.to_string());
+                    if done_tx.send(Done { slot, seq, result }).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(DiskError::Thread)?;
+        let mut store = Self {
+            dir: dir.to_path_buf(),
+            slots,
+            slot_bytes,
+            payload,
+            per_file,
+            files,
+            layout,
+            tx: Some(tx),
+            done,
+            pending: HashMap::new(),
+            seq: 0,
+            writes: 0,
+            write_errors: 0,
+            reads: 0,
+            read_errors: 0,
+        };
+        let (found, report) = store.scan();
+        store.seq = found.iter().map(|b| b.written).max().unwrap_or(0);
+        Ok((store, found, report))
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn at(&self, slot: u32) -> (&File, u64) {
+        locate(&self.files, self.per_file, self.slot_bytes, slot)
+    }
+
+    fn scan(&mut self) -> (Vec<RestoredBlock>, ScanReport) {
+        let mut found = Vec::new();
+        let mut report = ScanReport::default();
+        let mut buf = vec![0u8; self.slot_bytes];
+        for slot in 0..self.slots as u32 {
+            let (f, off) = self.at(slot);
+            if f.read_exact_at(&mut buf, off).is_err() {
+                report.corrupt += 1;
+                continue;
+            }
+            if buf[..HEADER].iter().all(|&b| b == 0) {
+                continue; // never written
+            }
+            match parse(&buf, self.payload, self.layout) {
+                Ok(b) => {
+                    report.valid += 1;
+                    found.push(RestoredBlock { slot, ..b });
+                }
+                Err(Bad::Foreign) => report.foreign += 1,
+                Err(Bad::Corrupt) => report.corrupt += 1,
+            }
+        }
+        (found, report)
+    }
+
+    /// Queues a write of `data` (one block) into `slot`.
+    pub(crate) fn write(
+        &mut self,
+        slot: u32,
+        hash: BlockHash,
+        parent: Option<BlockHash>,
+        chunks: &[u64],
+        data: &[u8],
+    ) {
+        self.seq += 1;
+        let buf = Arc::new(image(
+            self.slot_bytes,
+            self.layout,
+            hash,
+            parent,
+            chunks,
+            self.seq,
+            data,
+        ));
+        self.pending.insert(slot, (self.seq, hash, buf.clone()));
+        self.writes += 1;
+        if let Some(tx) = &self.tx
+            && tx
+                .send(Job::Write {
+                    slot,
+                    seq: self.seq,
+                    buf,
+                })
+                .is_ok()
+        {
+            return;
+        }
+        self.write_errors += 1;
+    }
+
+    /// Collects finished writes; returns the first error, if any (the tier should be shut).
+    pub(crate) fn poll(&mut self) -> Option<String> {
+        let mut err = None;
+        while let Ok(d) = self.done.try_recv() {
+            if self.pending.get(&d.slot).is_some_and(|p| p.0 == d.seq) {
+                self.pending.remove(&d.slot);
+            }
+            if let Err(e) = d.result {
+                self.write_errors += 1;
+                err.get_or_insert(e);
+            }
+        }
+        err
+    }
+
+    /// Blocks until every queued write is done (tests and shutdown).
+    pub(crate) fn flush(&mut self) -> Option<String> {
+        let mut err = None;
+        while !self.pending.is_empty() {
+            match self.done.recv() {
+                Ok(d) => {
+                    if self.pending.get(&d.slot).is_some_and(|p| p.0 == d.seq) {
+                        self.pending.remove(&d.slot);
+                    }
+                    if let Err(e) = d.result {
+                        self.write_errors += 1;
+                        err.get_or_insert(e);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        err
+    }
+
+    /// Reads `slot` into `out` (one block), checking it holds `hash` intact: from the write
+    /// buffer while the write is in flight, else from the file.
+    pub(crate) fn read(
+        &mut self,
+        slot: u32,
+        hash: BlockHash,
+        out: &mut [u8],
+    ) -> Result<(), ReadError> {
+        if let Some((_, h, buf)) = self.pending.get(&slot) {
+            if *h != hash {
+                return Err(ReadError::Invalid(slot));
+            }
+            out.copy_from_slice(&buf[HEADER..HEADER + self.payload]);
+            return Ok(());
+        }
+        self.reads += 1;
+        let mut buf = vec![0u8; self.slot_bytes];
+        let (f, off) = self.at(slot);
+        if let Err(e) = f.read_exact_at(&mut buf, off) {
+            self.read_errors += 1;
+            return Err(ReadError::Io(e.to_string()));
+        }
+        match parse(&buf, self.payload, self.layout) {
+            Ok(b) if b.hash == hash => {
+                out.copy_from_slice(&buf[HEADER..HEADER + self.payload]);
+                Ok(())
+            }
+            _ => {
+                self.read_errors += 1;
+                Err(ReadError::Invalid(slot))
+            }
+        }
+    }
+
+    /// Whether a write into `slot` is still in flight.
+    pub(crate) fn is_pending(&self, slot: u32) -> bool {
+        self.pending.contains_key(&slot)
+    }
+
+    /// Reads the first `buf.len()` bytes of `slot` as they are on disk (calibration).
+    pub(crate) fn read_raw(&self, slot: u32, buf: &mut [u8]) -> std::io::Result<()> {
+        let (f, off) = self.at(slot);
+        f.read_exact_at(buf, off)
+    }
+
+    /// Bytes of one slot on disk (header plus page-rounded payload).
+    pub(crate) fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+}
+
+impl Drop for DiskStore {
+    fn drop(&mut self) {
+        self.tx = None; // the writer drains its queue and ends
+    }
+}
+
+fn locate(files: &[Arc<File>], per_file: usize, slot_bytes: usize, slot: u32) -> (&File, u64) {
+    let s = slot as usize;
+    (&files[s / per_file], ((s % per_file) * slot_bytes) as u64)
+}
+
+enum Bad {
+    Foreign,
+    Corrupt,
+}
+
+fn checksum(header: &[u8], chunks: &[u8], payload: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&header[..56]);
+    h.update(chunks);
+    h.update(payload);
+    h.digest()
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// The on-disk image of one slot.
+fn image(
+    slot_bytes: usize,
+    layout: u64,
+    hash: BlockHash,
+    parent: Option<BlockHash>,
+    chunks: &[u64],
+    written: u64,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut buf = vec![0u8; slot_bytes];
+    let chunks = &chunks[..chunks.len().min(MAX_CHUNKS)];
+    buf[0..8].copy_from_slice(MAGIC);
+    buf[8..16].copy_from_slice(&layout.to_le_bytes());
+    buf[16..24].copy_from_slice(&hash.to_le_bytes());
+    buf[24..32].copy_from_slice(&parent.unwrap_or(0).to_le_bytes());
+    buf[32] = u8::from(parent.is_some());
+    buf[36..40].copy_from_slice(&(chunks.len() as u32).to_le_bytes());
+    buf[40..48].copy_from_slice(&written.to_le_bytes());
+    buf[48..56].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    for (i, c) in chunks.iter().enumerate() {
+        buf[64 + 8 * i..72 + 8 * i].copy_from_slice(&c.to_le_bytes());
+    }
+    buf[HEADER..HEADER + data.len()].copy_from_slice(data);
+    let sum = checksum(
+        &buf[..56],
+        &buf[64..64 + 8 * chunks.len()],
+        &buf[HEADER..HEADER + data.len()],
+    );
+    buf[56..64].copy_from_slice(&sum.to_le_bytes());
+    buf
+}
+
+fn parse(buf: &[u8], payload: usize, layout: u64) -> Result<RestoredBlock, Bad> {
+    if &buf[0..8] != MAGIC {
+        return Err(Bad::Corrupt);
+    }
+    if u64_at(buf, 8) != layout {
+        return Err(Bad::Foreign);
+    }
+    let n = u32::from_le_bytes([buf[36], buf[37], buf[38], buf[39]]) as usize;
+    let len = u64_at(buf, 48) as usize;
+    if n > MAX_CHUNKS || len != payload || HEADER + len > buf.len() {
+        return Err(Bad::Corrupt);
+    }
+    let sum = checksum(&buf[..56], &buf[64..64 + 8 * n], &buf[HEADER..HEADER + len]);
+    if sum != u64_at(buf, 56) {
+        return Err(Bad::Corrupt);
+    }
+    Ok(RestoredBlock {
+        slot: 0,
+        hash: u64_at(buf, 16),
+        parent: (buf[32] == 1).then(|| u64_at(buf, 24)),
+        chunks: (0..n).map(|i| u64_at(buf, 64 + 8 * i)).collect(),
+        written: u64_at(buf, 40),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_image_round_trips_and_any_flipped_byte_is_caught() {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 31 % 251) as u8).collect();
+        let img = image(HEADER + 8192, 77, 0xabc, Some(0xdef), &[1, 2, 3], 9, &data);
+        let b = parse(&img, 8192, 77).ok().expect("valid");
+        assert_eq!(
+            (b.hash, b.parent, b.chunks, b.written),
+            (0xabc, Some(0xdef), vec![1, 2, 3], 9)
+        );
+        assert!(matches!(parse(&img, 8192, 78), Err(Bad::Foreign)));
+        for at in [0usize, 20, 33, 70, HEADER, HEADER + 4000, HEADER + 8191] {
+            let mut bad = img.clone();
+            bad[at] ^= 0x40;
+            assert!(
+                matches!(parse(&bad, 8192, 77), Err(Bad::Corrupt)),
+                "flip at {at} not caught"
+            );
+        }
+        // A torn write: the new header over an old payload.
+        let old = image(HEADER + 8192, 77, 0x111, None, &[], 3, &vec![7u8; 8192]);
+        let mut torn = img.clone();
+        torn[HEADER + 4096..].copy_from_slice(&old[HEADER + 4096..]);
+        assert!(matches!(parse(&torn, 8192, 77), Err(Bad::Corrupt)));
+    }
+}
