@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -105,7 +105,7 @@ async fn debug(http: &reqwest::Client, s: &Server) -> Value {
 
 fn text(n: usize, salt: usize) -> String {
     (0..n)
-        .map(|i| char::from(b'a' + ((i * 7 + salt * 13) % 26) as u8))
+        .map(|i| char::from(b'a' + ((i * (2 * salt + 3) + salt * 11 + i / 7) % 26) as u8))
         .collect()
 }
 
