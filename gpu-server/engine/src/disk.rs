@@ -5,7 +5,7 @@
 //! On start the slabs are scanned: valid slots of the same layout are handed back for warm
 //! restart, torn or corrupt ones are counted and left free.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -62,12 +62,21 @@ enum Job {
         seq: u64,
         buf: Arc<Vec<u8>>,
     },
+    /// Read-ahead of a block for a waiting request.
+    Read { slot: u32, hash: BlockHash },
 }
 
-struct Done {
-    slot: u32,
-    seq: u64,
-    result: Result<(), String>,
+enum Done {
+    Written {
+        slot: u32,
+        seq: u64,
+        result: Result<(), String>,
+    },
+    /// The block's payload if the slot held it intact.
+    Read {
+        hash: BlockHash,
+        data: Option<Vec<u8>>,
+    },
 }
 
 /// The slabs and their writer.
@@ -84,6 +93,10 @@ pub(crate) struct DiskStore {
     done: mpsc::Receiver<Done>,
     /// Slot -> (write generation, hash, slot image) while the write is in flight.
     pending: HashMap<u32, (u64, BlockHash, Arc<Vec<u8>>)>,
+    /// Read-aheads asked for and not answered yet.
+    reading: HashSet<BlockHash>,
+    /// Read-aheads answered: verified payloads.
+    ready: Vec<(BlockHash, Vec<u8>)>,
     seq: u64,
     pub(crate) writes: u64,
     pub(crate) write_errors: u64,
@@ -162,11 +175,25 @@ impl DiskStore {
         std::thread::Builder::new()
             .name("kvmesh-kv-disk".into())
             .spawn(move || {
+                let mut img = vec![0u8; slot_bytes];
                 for job in rx {
-                    let Job::Write { slot, seq, buf } = job;
-                    let (f, off) = locate(&writer_files, per_file, slot_bytes, slot);
-                    let result = f.write_all_at(&buf, off).map_err(|e| e.to_string());
-                    if done_tx.send(Done { slot, seq, result }).is_err() {
+                    let done = match job {
+                        Job::Write { slot, seq, buf } => {
+                            let (f, off) = locate(&writer_files, per_file, slot_bytes, slot);
+                            let result = f.write_all_at(&buf, off).map_err(|e| e.to_string());
+                            Done::Written { slot, seq, result }
+                        }
+                        Job::Read { slot, hash } => {
+                            let (f, off) = locate(&writer_files, per_file, slot_bytes, slot);
+                            let ok = f.read_exact_at(&mut img, off).is_ok()
+                                && parse(&img, payload, layout).is_ok_and(|b| b.hash == hash);
+                            Done::Read {
+                                hash,
+                                data: ok.then(|| img[HEADER..HEADER + payload].to_vec()),
+                            }
+                        }
+                    };
+                    if done_tx.send(done).is_err() {
                         return;
                     }
                 }
@@ -183,6 +210,8 @@ impl DiskStore {
             tx: Some(tx),
             done,
             pending: HashMap::new(),
+            reading: HashSet::new(),
+            ready: Vec::new(),
             seq: 0,
             writes: 0,
             write_errors: 0,
@@ -270,35 +299,69 @@ impl DiskStore {
     pub(crate) fn poll(&mut self) -> Option<String> {
         let mut err = None;
         while let Ok(d) = self.done.try_recv() {
-            if self.pending.get(&d.slot).is_some_and(|p| p.0 == d.seq) {
-                self.pending.remove(&d.slot);
+            self.settle(d, &mut err);
+        }
+        err
+    }
+
+    fn settle(&mut self, d: Done, err: &mut Option<String>) {
+        match d {
+            Done::Written { slot, seq, result } => {
+                if self.pending.get(&slot).is_some_and(|p| p.0 == seq) {
+                    self.pending.remove(&slot);
+                }
+                if let Err(e) = result {
+                    self.write_errors += 1;
+                    err.get_or_insert(e);
+                }
             }
-            if let Err(e) = d.result {
-                self.write_errors += 1;
-                err.get_or_insert(e);
+            Done::Read { hash, data } => {
+                self.reading.remove(&hash);
+                self.reads += 1;
+                // A read-ahead that found something else is only dropped: the slot may have
+                // been reused meanwhile; the read at admission is the one that decides.
+                if let Some(d) = data {
+                    self.ready.push((hash, d));
+                }
+            }
+        }
+    }
+
+    /// Blocks until every queued write and read-ahead is done (tests and shutdown).
+    pub(crate) fn flush(&mut self) -> Option<String> {
+        let mut err = None;
+        while !self.pending.is_empty() || !self.reading.is_empty() {
+            match self.done.recv() {
+                Ok(d) => self.settle(d, &mut err),
+                Err(_) => break,
             }
         }
         err
     }
 
-    /// Blocks until every queued write is done (tests and shutdown).
-    pub(crate) fn flush(&mut self) -> Option<String> {
-        let mut err = None;
-        while !self.pending.is_empty() {
-            match self.done.recv() {
-                Ok(d) => {
-                    if self.pending.get(&d.slot).is_some_and(|p| p.0 == d.seq) {
-                        self.pending.remove(&d.slot);
-                    }
-                    if let Err(e) = d.result {
-                        self.write_errors += 1;
-                        err.get_or_insert(e);
-                    }
-                }
-                Err(_) => break,
-            }
+    /// Asks the background thread to read `slot` (holding `hash`) ahead of its promotion.
+    /// Returns false if nothing was asked (in flight already, or being written: the write
+    /// buffer serves it).
+    pub(crate) fn read_ahead(&mut self, slot: u32, hash: BlockHash) -> bool {
+        if self.pending.contains_key(&slot) || self.reading.contains(&hash) {
+            return false;
         }
-        err
+        let Some(tx) = &self.tx else { return false };
+        if tx.send(Job::Read { slot, hash }).is_err() {
+            return false;
+        }
+        self.reading.insert(hash);
+        true
+    }
+
+    /// Read-aheads in flight.
+    pub(crate) fn reading(&self) -> usize {
+        self.reading.len()
+    }
+
+    /// Verified payloads of finished read-aheads.
+    pub(crate) fn take_ready(&mut self) -> Vec<(BlockHash, Vec<u8>)> {
+        std::mem::take(&mut self.ready)
     }
 
     /// Reads `slot` into `out` (one block), checking it holds `hash` intact: from the write

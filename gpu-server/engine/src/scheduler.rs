@@ -152,6 +152,8 @@ struct Seq {
     started: bool,
     /// Chunks already mapped to sealed blocks.
     chunks_mapped: usize,
+    /// Its disk blocks were read ahead while it waited.
+    prefetched: bool,
 }
 
 impl Seq {
@@ -299,6 +301,7 @@ impl Core {
                     rng,
                     started: false,
                     chunks_mapped: 0,
+                    prefetched: false,
                     req,
                 });
             }
@@ -429,6 +432,15 @@ impl Core {
             plan.push((i, take));
             budget -= take;
             i += 1;
+        }
+        // Requests still waiting get their disk blocks read ahead, in the background.
+        for s in self.waiting.iter_mut().take(4) {
+            if !s.prefetched {
+                s.prefetched = true;
+                let hashes = s.table.prefix_hashes(&s.tokens, s.tokens.len() - 1);
+                let places = self.mgr.locate_prefix(&hashes);
+                self.tiers.prefetch(&hashes, &places);
+            }
         }
         // Demotions (from allocations) and promotions (from admissions) are copied before
         // the forward pass writes into any reused block.

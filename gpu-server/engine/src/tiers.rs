@@ -107,6 +107,8 @@ pub struct DiskStatus {
     /// Reads that found a corrupt or foreign slot (the block was dropped, not served).
     pub read_errors: u64,
     pub pending_writes: u64,
+    /// Disk blocks read ahead for waiting requests.
+    pub prefetched: u64,
     pub slot_bytes: u64,
 }
 
@@ -123,7 +125,12 @@ pub(crate) struct Tiers {
     pub(crate) bytes: [TierBytes; 3],
     pub(crate) disk_status: DiskStatus,
     scratch: Vec<u8>,
+    /// Blocks staged by read-ahead (counted when they arrive).
+    prefetched: u64,
 }
+
+/// Read-ahead copies kept in memory at most.
+const STAGED_MAX_BYTES: usize = 256 << 20;
 
 fn ti(t: Tier) -> usize {
     match t {
@@ -199,6 +206,7 @@ impl Tiers {
             bytes: [TierBytes::default(); 3],
             disk_status,
             scratch: vec![0u8; block_bytes],
+            prefetched: 0,
         };
         (tiers, host_blocks, disk_blocks, found)
     }
@@ -347,16 +355,52 @@ impl Tiers {
     /// warning) and drops its blocks from the logical state.
     pub(crate) fn poll(&mut self, mgr: &mut BlockManager) {
         let Some(disk) = &mut self.disk else { return };
-        if let Some(e) = disk.poll() {
+        let err = disk.poll();
+        self.take_ready(mgr);
+        if let Some(e) = err {
             self.shut_disk(mgr, format!("write failed: {e}"));
         }
     }
 
-    /// Waits for queued disk writes (tests, shutdown).
+    /// Waits for queued disk writes and read-aheads (when idle; tests).
     pub(crate) fn flush(&mut self, mgr: &mut BlockManager) {
         let Some(disk) = &mut self.disk else { return };
-        if let Some(e) = disk.flush() {
+        let err = disk.flush();
+        self.take_ready(mgr);
+        if let Some(e) = err {
             self.shut_disk(mgr, format!("write failed: {e}"));
+        }
+    }
+
+    fn take_ready(&mut self, mgr: &BlockManager) {
+        let Some(disk) = &mut self.disk else { return };
+        for (h, data) in disk.take_ready() {
+            if matches!(mgr.place(h), Some(Place::Disk(_))) {
+                self.bytes[2].read += self.block_bytes as u64;
+                self.prefetched += 1;
+                self.staged.insert(h, data);
+            }
+        }
+    }
+
+    /// Read-ahead, in the background, of the DISK blocks of a waiting request's prefix, so
+    /// that its admission finds them staged. Bounded by [`STAGED_MAX_BYTES`].
+    pub(crate) fn prefetch(&mut self, hashes: &[BlockHash], places: &[Place]) {
+        if !self.cost.fetch(Tier::Disk) {
+            return;
+        }
+        let Some(disk) = &mut self.disk else { return };
+        for (&h, &p) in hashes.iter().zip(places) {
+            if (self.staged.len() + disk.reading()) * self.block_bytes >= STAGED_MAX_BYTES {
+                return;
+            }
+            match p {
+                Place::Disk(slot) if !self.staged.contains_key(&h) => {
+                    disk.read_ahead(slot, h);
+                }
+                Place::Host(_) if !self.cost.fetch(Tier::Host) => return,
+                _ => {}
+            }
         }
     }
 
@@ -388,6 +432,7 @@ impl Tiers {
             self.disk_status.read_errors = d.read_errors;
             self.disk_status.pending_writes = d.pending() as u64;
         }
+        self.disk_status.prefetched = self.prefetched;
     }
 
     pub(crate) fn block_bytes(&self) -> usize {

@@ -42,12 +42,17 @@ fn model_path() -> std::path::PathBuf {
 }
 
 fn engine(host: usize, disk: usize, dir: Option<&Path>) -> EngineHandle {
+    engine_with(host, disk, dir, EngineConfig::default().max_running)
+}
+
+fn engine_with(host: usize, disk: usize, dir: Option<&Path>, max_running: usize) -> EngineHandle {
     let loaded = kvmesh_gpu_server_model::load(&model_path()).unwrap();
     Engine::start_tiered(
         Arc::new(loaded.model),
         loaded.tokenizer.stop_ids.clone(),
         EngineConfig {
             num_blocks: DEVICE,
+            max_running,
             ..EngineConfig::default()
         },
         &TierConfig {
@@ -182,6 +187,39 @@ fn a_prefix_from_each_tier_gives_the_logits_of_recompute() {
     assert!(
         max_diff(&cold, &warm) < TOL,
         "restart {}",
+        max_diff(&cold, &warm)
+    );
+}
+
+#[test]
+fn disk_blocks_of_a_waiting_request_are_read_ahead() {
+    let p = prompt(100, 7);
+    let (_, cold) = run(&engine(0, 0, None), &p, Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    // One running sequence at a time: a second request waits in the queue.
+    let e = engine_with(0, 32, Some(dir.path()), 1);
+    run(&e, &p, Vec::new());
+    run(&e, &prompt(150, 8), Vec::new());
+    wait_until(&e, "p written to disk", |s| {
+        tier(s, Tier::Disk).counters.demotions >= 6 && s.disk.pending_writes == 0
+    });
+    // A long request runs; p queues behind it and its six disk blocks are read meanwhile.
+    let (tx, mut busy) = mpsc::unbounded_channel();
+    e.submit(Request {
+        prompt: prompt(20, 9),
+        params: greedy(120),
+        chunks: Vec::new(),
+        events: tx,
+        logits: None,
+    })
+    .unwrap();
+    assert!(matches!(busy.blocking_recv(), Some(Event::Started { .. })));
+    let (cached, warm) = run(&e, &p, Vec::new());
+    assert_eq!(cached, 96);
+    assert_eq!(e.status().disk.prefetched, 6);
+    assert!(
+        max_diff(&cold, &warm) < TOL,
+        "prefetched {}",
         max_diff(&cold, &warm)
     );
 }
