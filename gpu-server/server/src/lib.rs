@@ -185,3 +185,43 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
     axum::serve(listener, router(state)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tier_bytes_become_blocks_and_device_bytes_win_over_blocks() {
+        let bb = 1000;
+        let (dev, t) = KvTiers::default().resolve(bb, 64, 9).unwrap();
+        assert_eq!(dev, 64, "no device bytes: --kv-blocks");
+        assert_eq!(t.host_blocks, (DEFAULT_HOST_BYTES / 1000) as usize);
+        assert_eq!(t.disk_blocks, 0, "no directory: no disk tier");
+        assert_eq!(t.model_tag, 9);
+        let kv = KvTiers {
+            device_bytes: Some(10_500),
+            host_bytes: Some(0),
+            disk_bytes: Some(3_000),
+            disk_dir: Some("/x".into()),
+            fetch: FetchPolicy::Always,
+        };
+        let (dev, t) = kv.resolve(bb, 64, 0).unwrap();
+        assert_eq!((dev, t.host_blocks, t.disk_blocks), (10, 0, 3));
+        assert_eq!(t.fetch, FetchPolicy::Always);
+        let dir_only = KvTiers {
+            disk_dir: Some("/x".into()),
+            ..KvTiers::default()
+        };
+        assert_eq!(
+            dir_only.resolve(bb, 64, 0).unwrap().1.disk_blocks,
+            (DEFAULT_DISK_BYTES / 1000) as usize
+        );
+        for bad in [0, 999] {
+            let kv = KvTiers {
+                device_bytes: Some(bad),
+                ..KvTiers::default()
+            };
+            assert!(kv.resolve(bb, 64, 0).is_err(), "{bad} device bytes");
+        }
+    }
+}
