@@ -241,12 +241,19 @@ impl DiskStore {
         let mut buf = vec![0u8; self.slot_bytes];
         for slot in 0..self.slots as u32 {
             let (f, off) = self.at(slot);
-            if f.read_exact_at(&mut buf, off).is_err() {
+            // The header first: a slot never written (all zero) costs one page.
+            if f.read_exact_at(&mut buf[..HEADER], off).is_err() {
                 report.corrupt += 1;
                 continue;
             }
             if buf[..HEADER].iter().all(|&b| b == 0) {
                 continue; // never written
+            }
+            if f.read_exact_at(&mut buf[HEADER..], off + HEADER as u64)
+                .is_err()
+            {
+                report.corrupt += 1;
+                continue;
             }
             match parse(&buf, self.payload, self.layout) {
                 Ok(b) => {
@@ -380,17 +387,21 @@ impl DiskStore {
             return Ok(());
         }
         self.reads += 1;
-        let mut buf = vec![0u8; self.slot_bytes];
+        if out.len() != self.payload {
+            return Err(ReadError::Invalid(slot));
+        }
+        // Header into a reused buffer, payload straight into `out`: no extra copy.
+        let mut head = [0u8; HEADER];
         let (f, off) = self.at(slot);
-        if let Err(e) = f.read_exact_at(&mut buf, off) {
+        let io = f
+            .read_exact_at(&mut head, off)
+            .and_then(|()| f.read_exact_at(out, off + HEADER as u64));
+        if let Err(e) = io {
             self.read_errors += 1;
             return Err(ReadError::Io(e.to_string()));
         }
-        match parse(&buf, self.payload, self.layout) {
-            Ok(b) if b.hash == hash => {
-                out.copy_from_slice(&buf[HEADER..HEADER + self.payload]);
-                Ok(())
-            }
+        match parse_split(&head, out, self.layout) {
+            Ok(b) if b.hash == hash => Ok(()),
             _ => {
                 self.read_errors += 1;
                 Err(ReadError::Invalid(slot))
@@ -479,6 +490,14 @@ fn image(
 }
 
 fn parse(buf: &[u8], payload: usize, layout: u64) -> Result<RestoredBlock, Bad> {
+    if buf.len() < HEADER + payload {
+        return Err(Bad::Corrupt);
+    }
+    parse_split(&buf[..HEADER], &buf[HEADER..HEADER + payload], layout)
+}
+
+/// Checks a slot given as its header and its `payload`-byte body.
+fn parse_split(buf: &[u8], body: &[u8], layout: u64) -> Result<RestoredBlock, Bad> {
     if &buf[0..8] != MAGIC {
         return Err(Bad::Corrupt);
     }
@@ -487,10 +506,10 @@ fn parse(buf: &[u8], payload: usize, layout: u64) -> Result<RestoredBlock, Bad> 
     }
     let n = u32::from_le_bytes([buf[36], buf[37], buf[38], buf[39]]) as usize;
     let len = u64_at(buf, 48) as usize;
-    if n > MAX_CHUNKS || len != payload || HEADER + len > buf.len() {
+    if n > MAX_CHUNKS || len != body.len() {
         return Err(Bad::Corrupt);
     }
-    let sum = checksum(&buf[..56], &buf[64..64 + 8 * n], &buf[HEADER..HEADER + len]);
+    let sum = checksum(&buf[..56], &buf[64..64 + 8 * n], body);
     if sum != u64_at(buf, 56) {
         return Err(Bad::Corrupt);
     }
