@@ -127,7 +127,12 @@ pub(crate) struct Tiers {
     scratch: Vec<u8>,
     /// Blocks staged by read-ahead (counted when they arrive).
     prefetched: u64,
+    /// Block buffers kept for reuse by staging reads.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Staging buffers kept for reuse at most.
+const SPARE_BUFFERS: usize = 64;
 
 /// Read-ahead copies kept in memory at most.
 const STAGED_MAX_BYTES: usize = 256 << 20;
@@ -207,6 +212,7 @@ impl Tiers {
             disk_status,
             scratch: vec![0u8; block_bytes],
             prefetched: 0,
+            spare: Vec::new(),
         };
         (tiers, host_blocks, disk_blocks, found)
     }
@@ -275,7 +281,11 @@ impl Tiers {
                 continue;
             }
             let Some(disk) = &mut self.disk else { return };
-            let mut buf = vec![0u8; self.block_bytes];
+            // Recycled buffers: a fresh one costs a page fault per page on first touch.
+            let mut buf = self
+                .spare
+                .pop()
+                .unwrap_or_else(|| vec![0u8; self.block_bytes]);
             let t = Instant::now();
             let from_file = !disk.is_pending(slot);
             match disk.read(slot, h, &mut buf) {
@@ -329,7 +339,11 @@ impl Tiers {
                     _ => false,
                 },
                 (Place::Disk(d), Place::Device(id)) => match self.staged.remove(&mv.hash) {
-                    Some(buf) => self.copier.to_device(&buf, pool, id),
+                    Some(buf) => {
+                        let ok = self.copier.to_device(&buf, pool, id);
+                        self.recycle(buf);
+                        ok
+                    }
                     None => match &mut self.disk {
                         // Not staged (demoted and promoted within one admission): the write
                         // buffer or the file has it.
@@ -419,8 +433,23 @@ impl Tiers {
     /// Drops read-ahead copies of blocks that are no longer on disk.
     pub(crate) fn trim_staged(&mut self, mgr: &BlockManager) {
         if !self.staged.is_empty() {
-            self.staged
-                .retain(|&h, _| matches!(mgr.place(h), Some(Place::Disk(_))));
+            let gone: Vec<BlockHash> = self
+                .staged
+                .keys()
+                .copied()
+                .filter(|&h| !matches!(mgr.place(h), Some(Place::Disk(_))))
+                .collect();
+            for h in gone {
+                if let Some(buf) = self.staged.remove(&h) {
+                    self.recycle(buf);
+                }
+            }
+        }
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS && buf.len() == self.block_bytes {
+            self.spare.push(buf);
         }
     }
 
