@@ -53,6 +53,10 @@ struct PublishState {
     warm: bool,
     /// Static resources (LDS/RDS/CDS/ECDS), rebuilt when strategies change.
     statics: BTreeMap<&'static str, Arc<TypeResources>>,
+    /// The ResidencyShard set, rebuilt only when residency changed (load
+    /// reports, the usual change, leave it as it is).
+    residency_generation: u64,
+    residency: Option<Arc<TypeResources>>,
 }
 
 /// What a strategy change came to.
@@ -223,17 +227,25 @@ impl App {
                 &state,
             ));
         }
-        let mut shards: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
-        for r in registry.replicas_mut() {
-            for res in r.shard_resources() {
-                shards.insert(res.name.clone(), res.clone());
+        let residency = match &p.residency {
+            Some(set) if p.residency_generation == registry.residency_generation => set.clone(),
+            _ => {
+                let mut shards: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
+                for r in registry.replicas_mut() {
+                    for res in r.shard_resources() {
+                        shards.insert(res.name.clone(), res.clone());
+                    }
+                }
+                let set = Arc::new(TypeResources::from_shared(shards));
+                p.residency_generation = registry.residency_generation;
+                p.residency = Some(set.clone());
+                set
             }
-        }
+        };
         drop(registry);
         snapshot.set(type_url::ENDPOINT, eds);
         snapshot.set(type_url::POOL_STATE, pools);
-        let shard_set = TypeResources::from_shared(shards);
-        snapshot.set_type(type_url::RESIDENCY_SHARD, Arc::new(shard_set));
+        snapshot.set_type(type_url::RESIDENCY_SHARD, residency);
         self.cache.set_default(snapshot);
         let since = self
             .pending_since

@@ -9,6 +9,7 @@ pub mod config;
 pub mod envoy;
 pub mod metrics;
 pub mod registry;
+pub mod shard_body;
 pub mod strategy;
 
 use std::net::SocketAddr;

@@ -220,7 +220,7 @@ proptest! {
         prop_assert_eq!(r.resident_chunks(), model.len());
         let mut seen = BTreeSet::new();
         for res in r.shard_resources() {
-            let shard: ResidencyShard = prost::Message::decode(res.body.value.as_slice()).expect("decode");
+            let shard: kvmesh_plugins_sdk::proto::ResidencyShard = prost::Message::decode(res.body().value.as_slice()).expect("decode");
             for t in shard.resident {
                 for c in t.chunks {
                     prop_assert_eq!(c % 4, u64::from(shard.shard));
