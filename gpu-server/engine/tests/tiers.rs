@@ -257,16 +257,20 @@ fn a_demoted_chunk_moves_between_tiers_on_the_state_stream() {
     wait_until(&e, "demoted", |s| {
         tier(s, Tier::Host).resident_chunks == vec![0xc0]
     });
+    // Read in order until the load shows p's blocks in host (the engine sends its load when
+    // it goes idle, so that message comes).
     let mut residency = Vec::new();
-    let mut host_load = None;
-    while let Ok(u) = rx.try_recv() {
-        match u {
+    let host_load = loop {
+        match rx.blocking_recv().expect("engine hung up") {
             StateUpdate::Load(l) => {
-                host_load = l.tiers.iter().find(|t| t.tier == Tier::Host).copied();
+                let h = l.tiers.iter().find(|t| t.tier == Tier::Host).copied();
+                if h.is_some_and(|h| h.used_blocks >= 6) {
+                    break h;
+                }
             }
             other => residency.push(other),
         }
-    }
+    };
     assert_eq!(
         residency,
         vec![
