@@ -43,11 +43,8 @@ impl StateReporter {
             model: target.model,
             block_tokens: u32::try_from(cfg.block_tokens).unwrap_or(u32::MAX),
             chunk_bytes: target.chunk_bytes,
-            capacity: vec![TierUsage {
-                tier: proto::Tier::Device as i32,
-                used_blocks: 0,
-                capacity_blocks: cfg.num_blocks as u64,
-            }],
+            // Every enabled tier, as the engine's first status lists them.
+            capacity: load_proto(&engine.status().load).kv,
         };
         let reporter = Reporter::spawn(ReporterConfig::new(target.endpoint, register));
         let state = reporter.state();
