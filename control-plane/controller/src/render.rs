@@ -341,6 +341,15 @@ fn env(owner: &Owner, ep: &Endpoint, cfg: &RenderConfig) -> Vec<EnvVar> {
             "KVMESH_PORT",
             spec.worker.model_invocation_port.container_port.to_string(),
         ),
+        // The server binds loopback unless told otherwise; in a pod it must take traffic
+        // from the gateway.
+        val(
+            "KVMESH_LISTEN",
+            format!(
+                "0.0.0.0:{}",
+                spec.worker.model_invocation_port.container_port
+            ),
+        ),
         val("KVMESH_POOL", owner.pool()),
         field("KVMESH_REPLICA_ID", "metadata.name"),
         field("KVMESH_POD_IP", "status.podIP"),

@@ -217,24 +217,21 @@ async fn run(
     let pid = cp.pid();
     let mut row_latency = (f64::NAN, f64::NAN, f64::NAN);
     let mut bytes_per_s = f64::NAN;
-    let (cpu0, _) = proc_stat(pid);
-    let t0 = Instant::now();
-    let bytes0 = metric(
-        &cp.metrics().await,
-        "kvmesh_cp_xds_push_bytes_total{type_url=\"type.googleapis.com/kvmesh.v1",
-    );
+    let (mut cpu0, _) = proc_stat(pid);
+    let mut t0 = Instant::now();
     if let Some(_envoy) = &envoy {
         let workers = worker_clients(listener, 2).await;
+        // Samples measure the steady state: every worker holds every
+        // replica and all of their chunks (distinct per replica) first.
         eventually(
-            "every worker sees all replicas",
+            "every worker sees all replicas and chunks",
             Duration::from_secs(300),
             || async {
                 for w in &workers {
-                    if probe(w, listener).await["replicas"]
-                        .as_array()
-                        .map_or(0, Vec::len)
-                        != n
-                    {
+                    let view = probe(w, listener).await;
+                    let members = view["replicas"].as_array().map_or(0, Vec::len);
+                    let indexed = view["indexed_chunks"].as_u64().unwrap_or(0);
+                    if members != n || indexed != n as u64 * chunks {
                         return None;
                     }
                 }
@@ -243,10 +240,18 @@ async fn run(
         )
         .await;
         eprintln!(
-            "{n} replicas visible in every worker {:.1}s after registration",
+            "{n} replicas and {} chunks visible in every worker {:.1}s after registration",
+            n as u64 * chunks,
             registered.elapsed().as_secs_f64()
         );
+        // Bytes and CPU over the samples only (the initial sync excluded).
+        (cpu0, t0) = (proc_stat(pid).0, Instant::now());
+        let bytes0 = metric(
+            &cp.metrics().await,
+            "kvmesh_cp_xds_push_bytes_total{type_url=\"type.googleapis.com/kvmesh.v1",
+        );
         let mut lat = Vec::new();
+        let mut gap: u64 = 0x9e37_79b9_7f4a_7c15;
         for s in 0..samples {
             let i = s * 7919 % n;
             let marker = 1_000 + s as u32;
@@ -273,8 +278,13 @@ async fn run(
                 );
             }
             lat.push(start.elapsed().as_secs_f64() * 1000.0);
-            // Spread samples so they do not all land right after a flush.
-            tokio::time::sleep(Duration::from_millis(37)).await;
+            // A pseudo-random gap (20-69 ms), so a change lands at any phase
+            // of the publish interval and the pump's flush window: a fixed
+            // gap locks onto those periods and skews the distribution.
+            gap = gap ^ (gap << 13);
+            gap ^= gap >> 7;
+            gap ^= gap << 17;
+            tokio::time::sleep(Duration::from_millis(20 + gap % 50)).await;
         }
         lat.sort_by(f64::total_cmp);
         row_latency = (

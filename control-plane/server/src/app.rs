@@ -1,13 +1,12 @@
 //! The running control plane: registry, strategies and xDS cache tied
 //! together; the publisher that turns them into snapshots; the ReplicaState
-//! gRPC service; strategy changes that wait for Envoy's answer.
+//! report handling (framed by `report_stream`); strategy changes that wait for Envoy's answer.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvmesh_control_plane_api::grpc::replica_state_server::ReplicaState;
 use kvmesh_control_plane_xds::resource::Snapshot;
 use kvmesh_control_plane_xds::{
     Outcome, Resource, SnapshotCache, StatusTracker, TypeResources, type_url,
@@ -19,9 +18,8 @@ use kvmesh_plugins_sdk::proto::{
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
 
 use crate::config::{Config, PoolSpec, StrategySpec};
 use crate::envoy;
@@ -53,6 +51,10 @@ struct PublishState {
     warm: bool,
     /// Static resources (LDS/RDS/CDS/ECDS), rebuilt when strategies change.
     statics: BTreeMap<&'static str, Arc<TypeResources>>,
+    /// The ResidencyShard set, rebuilt only when residency changed (load
+    /// reports, the usual change, leave it as it is).
+    residency_generation: u64,
+    residency: Option<Arc<TypeResources>>,
 }
 
 /// What a strategy change came to.
@@ -223,17 +225,25 @@ impl App {
                 &state,
             ));
         }
-        let mut shards: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
-        for r in registry.replicas_mut() {
-            for res in r.shard_resources() {
-                shards.insert(res.name.clone(), res.clone());
+        let residency = match &p.residency {
+            Some(set) if p.residency_generation == registry.residency_generation => set.clone(),
+            _ => {
+                let mut shards: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
+                for r in registry.replicas_mut() {
+                    for res in r.shard_resources() {
+                        shards.insert(res.name.clone(), res.clone());
+                    }
+                }
+                let set = Arc::new(TypeResources::from_shared(shards));
+                p.residency_generation = registry.residency_generation;
+                p.residency = Some(set.clone());
+                set
             }
-        }
+        };
         drop(registry);
         snapshot.set(type_url::ENDPOINT, eds);
         snapshot.set(type_url::POOL_STATE, pools);
-        let shard_set = TypeResources::from_shared(shards);
-        snapshot.set_type(type_url::RESIDENCY_SHARD, Arc::new(shard_set));
+        snapshot.set_type(type_url::RESIDENCY_SHARD, residency);
         self.cache.set_default(snapshot);
         let since = self
             .pending_since
@@ -390,12 +400,8 @@ impl App {
     }
 }
 
-/// The ReplicaState service over [`App`].
-#[derive(Debug, Clone)]
-pub struct StateService(pub Arc<App>);
-
-fn control(msg: control_message::Msg) -> Result<ControlMessage, Status> {
-    Ok(ControlMessage { msg: Some(msg) })
+fn control(msg: control_message::Msg) -> ControlMessage {
+    ControlMessage { msg: Some(msg) }
 }
 
 fn kind(report: &ReplicaReport) -> &'static str {
@@ -409,73 +415,72 @@ fn kind(report: &ReplicaReport) -> &'static str {
     }
 }
 
-#[tonic::async_trait]
-impl ReplicaState for StateService {
-    type ReportStream = ReceiverStream<Result<ControlMessage, Status>>;
-
-    async fn report(
-        &self,
-        request: Request<Streaming<ReplicaReport>>,
-    ) -> Result<Response<Self::ReportStream>, Status> {
-        let peer = request.remote_addr();
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let app = self.0.clone();
-        tokio::spawn(async move {
-            let mut ctx = app.registry.lock().await.open_stream();
-            loop {
-                let report = match inbound.next().await {
-                    Some(Ok(r)) => r,
-                    Some(Err(status)) => {
-                        tracing::debug!(?peer, %status, "state stream error");
-                        break;
-                    }
-                    None => break,
-                };
-                let k = kind(&report);
-                app.metrics
-                    .reports
-                    .get_or_create(&KindLabel { kind: k.into() })
-                    .inc();
-                let result = {
-                    let mut reg = app.registry.lock().await;
-                    let r = reg.apply(&mut ctx, report, Instant::now());
-                    if r.is_err() {
-                        reg.note_rejected(&ctx);
-                    }
-                    r
-                };
-                let reply = match result {
-                    Ok(Applied::Ok) => {
-                        app.note_pending();
-                        continue;
-                    }
-                    Ok(Applied::Registered(id)) => {
-                        tracing::info!(replica = %id, ?peer, "replica registered");
-                        app.note_pending();
-                        control(control_message::Msg::Registered(Registered {
-                            replica_id: id,
-                        }))
-                    }
-                    Ok(Applied::Resync(reason)) => {
-                        tracing::info!(replica = ?ctx.replica, %reason, "asking for a resync");
-                        app.metrics.resyncs.inc();
-                        control(control_message::Msg::Resync(ResyncRequest { reason }))
-                    }
-                    Err(rejection) => {
-                        tracing::warn!(replica = ?ctx.replica, ?peer, kind = k, reason = %rejection, "state report rejected");
-                        app.metrics.rejected.inc();
-                        control(control_message::Msg::Rejected(Rejected {
-                            reason: rejection.to_string(),
-                        }))
-                    }
-                };
-                if tx.send(reply).await.is_err() {
+/// Serves one replica's `ReplicaState/Report` stream: applies each report to
+/// the registry and answers `Registered`, `ResyncRequest` or `Rejected` on the
+/// returned channel, which closes when the stream ends.
+pub fn serve_reports<S>(
+    app: Arc<App>,
+    mut inbound: S,
+    peer: Option<SocketAddr>,
+) -> mpsc::Receiver<ControlMessage>
+where
+    S: Stream<Item = Result<ReplicaReport, Status>> + Send + Unpin + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut ctx = app.registry.lock().await.open_stream();
+        loop {
+            let report = match inbound.next().await {
+                Some(Ok(r)) => r,
+                Some(Err(status)) => {
+                    tracing::debug!(?peer, %status, "state stream error");
                     break;
                 }
+                None => break,
+            };
+            let k = kind(&report);
+            app.metrics
+                .reports
+                .get_or_create(&KindLabel { kind: k.into() })
+                .inc();
+            let result = {
+                let mut reg = app.registry.lock().await;
+                let r = reg.apply(&mut ctx, report, Instant::now());
+                if r.is_err() {
+                    reg.note_rejected(&ctx);
+                }
+                r
+            };
+            let reply = match result {
+                Ok(Applied::Ok) => {
+                    app.note_pending();
+                    continue;
+                }
+                Ok(Applied::Registered(id)) => {
+                    tracing::info!(replica = %id, ?peer, "replica registered");
+                    app.note_pending();
+                    control(control_message::Msg::Registered(Registered {
+                        replica_id: id,
+                    }))
+                }
+                Ok(Applied::Resync(reason)) => {
+                    tracing::info!(replica = ?ctx.replica, %reason, "asking for a resync");
+                    app.metrics.resyncs.inc();
+                    control(control_message::Msg::Resync(ResyncRequest { reason }))
+                }
+                Err(rejection) => {
+                    tracing::warn!(replica = ?ctx.replica, ?peer, kind = k, reason = %rejection, "state report rejected");
+                    app.metrics.rejected.inc();
+                    control(control_message::Msg::Rejected(Rejected {
+                        reason: rejection.to_string(),
+                    }))
+                }
+            };
+            if tx.send(reply).await.is_err() {
+                break;
             }
-            app.registry.lock().await.close_stream(&ctx);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
+        }
+        app.registry.lock().await.close_stream(&ctx);
+    });
+    rx
 }

@@ -9,12 +9,13 @@ pub mod config;
 pub mod envoy;
 pub mod metrics;
 pub mod registry;
+pub mod report_stream;
+pub mod shard_body;
 pub mod strategy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use kvmesh_control_plane_api::grpc::replica_state_server::ReplicaStateServer;
 use kvmesh_control_plane_xds::XdsServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -47,8 +48,10 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(Bound)) -> anyhow::Resu
     }
     let xds = XdsServer::new(app.cache.clone(), app.status.clone())
         .with_observer(Arc::new(metrics::XdsObserver(app.metrics.clone())));
-    let state =
-        ReplicaStateServer::new(app::StateService(app.clone())).max_decoding_message_size(64 << 20);
+    let state = report_stream::ReportService {
+        app: app.clone(),
+        max_message_bytes: 64 << 20,
+    };
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))

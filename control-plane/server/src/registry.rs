@@ -2,7 +2,9 @@
 //! residency), validated message by message. A malformed report is refused
 //! with a reason and changes nothing; a sequence gap asks for a resync.
 //! Residency is kept per shard (`chunk % shards`) so that publishing only
-//! re-encodes the shards a report touched.
+//! re-versions the shards a report touched. The published resources share the
+//! registry's lists (`Arc`) and are encoded only when sent, so residency is
+//! held once (changing a list a snapshot still holds copies that one list).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -11,11 +13,12 @@ use std::time::Duration;
 
 use kvmesh_control_plane_xds::{Resource, type_url};
 use kvmesh_plugins_sdk::proto::{
-    Load, Register, ReplicaInfo, ReplicaReport, ResidencyShard, Tier, TierChunks, replica_report,
+    Load, Register, ReplicaInfo, ReplicaReport, Tier, TierChunks, replica_report,
 };
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::shard_body::ShardBody;
 
 /// Most chunks one report may carry (a snapshot of a big cache is sent in one
 /// message; gRPC's message size limit bounds it too).
@@ -67,7 +70,8 @@ pub struct Replica {
     pub load: Load,
     /// shard -> tier -> chunks, sorted (a sorted Vec is a third of a
     /// BTreeSet's memory, and shards are small, so inserts stay cheap).
-    shards: Vec<BTreeMap<i32, Vec<u64>>>,
+    /// Shared with the published resources; replaced, never edited in place.
+    shards: Vec<BTreeMap<i32, Arc<Vec<u64>>>>,
     dirty_shards: BTreeSet<u32>,
     encoded: Vec<Option<Arc<Resource>>>,
     /// Next residency seq expected; `None` until a snapshot arrived.
@@ -83,7 +87,7 @@ impl Replica {
         self.shards
             .iter()
             .flat_map(|s| s.values())
-            .map(Vec::len)
+            .map(|c| c.len())
             .sum()
     }
 
@@ -121,9 +125,11 @@ impl Replica {
         for ((s, tier), mut gone) in std::mem::take(&mut groups) {
             gone.sort_unstable();
             if let Some(set) = self.shards[s].get_mut(&tier) {
-                let before = set.len();
-                set.retain(|c| gone.binary_search(c).is_err());
-                if set.len() != before {
+                let hit = set.iter().filter(|c| gone.binary_search(c).is_ok()).count();
+                if hit > 0 {
+                    let mut kept = Vec::with_capacity(set.len() - hit);
+                    kept.extend(set.iter().filter(|c| gone.binary_search(c).is_err()));
+                    *set = Arc::new(kept);
                     self.dirty_shards.insert(s as u32);
                 }
             }
@@ -136,13 +142,12 @@ impl Replica {
                     .push(c);
             }
         }
-        for ((s, tier), new) in groups {
+        for ((s, tier), mut new) in groups {
+            new.sort_unstable();
+            new.dedup();
             let set = self.shards[s].entry(tier).or_default();
-            let before = set.len();
-            set.extend(new);
-            set.sort_unstable();
-            set.dedup();
-            if set.len() != before {
+            if let Some(merged) = merge_sorted(set, &new) {
+                *set = Arc::new(merged);
                 self.dirty_shards.insert(s as u32);
             }
         }
@@ -168,37 +173,66 @@ impl Replica {
         }
     }
 
-    /// The ResidencyShard resources of this replica (re-encoding dirty ones).
+    /// The ResidencyShard resources of this replica (re-versioning dirty
+    /// ones; bodies are encoded when sent).
     pub fn shard_resources(&mut self) -> impl Iterator<Item = &Arc<Resource>> {
         let count = self.shards.len() as u32;
+        let pool: Arc<str> = self.pool.as_str().into();
+        let id: Arc<str> = self.id.as_str().into();
         for s in std::mem::take(&mut self.dirty_shards) {
             let shard = &self.shards[s as usize];
             self.encoded[s as usize] = if shard.is_empty() {
                 None
             } else {
-                let msg = ResidencyShard {
-                    pool: self.pool.clone(),
-                    replica_id: self.id.clone(),
+                let body = ShardBody {
+                    pool: pool.clone(),
+                    replica_id: id.clone(),
                     shard: s,
                     shard_count: count,
-                    resident: shard
-                        .iter()
-                        .map(|(t, set)| TierChunks {
-                            tier: *t,
-                            chunks: set.clone(),
-                        })
-                        .collect(),
+                    tiers: shard.iter().map(|(t, set)| (*t, set.clone())).collect(),
                 };
                 let name = format!("{}/{}/{}", self.pool, self.id, s);
-                Some(Arc::new(Resource::from_message(
+                Some(Arc::new(Resource::lazy(
                     name,
                     type_url::RESIDENCY_SHARD,
-                    &msg,
+                    body.version(),
+                    Arc::new(body),
                 )))
             };
         }
         self.encoded.iter().flatten()
     }
+}
+
+/// `set` with `new` (sorted, deduplicated) merged in, as a fresh list of
+/// exact capacity; `None` when `new` adds nothing.
+fn merge_sorted(set: &[u64], new: &[u64]) -> Option<Vec<u64>> {
+    let fresh = new.iter().filter(|c| set.binary_search(c).is_err()).count();
+    if fresh == 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(set.len() + fresh);
+    let (mut i, mut j) = (0, 0);
+    while i < set.len() && j < new.len() {
+        match set[i].cmp(&new[j]) {
+            std::cmp::Ordering::Less => {
+                out.push(set[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(new[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(set[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&set[i..]);
+    out.extend_from_slice(&new[j..]);
+    Some(out)
 }
 
 fn check_tier(t: i32) -> Result<(), Rejection> {
@@ -249,6 +283,9 @@ pub struct Registry {
     pub generation: u64,
     /// Bumped when membership (EDS) changes.
     pub members_generation: u64,
+    /// Bumped when any residency (the set of ResidencyShard resources) may
+    /// have changed, so publishing can skip rebuilding that set otherwise.
+    pub residency_generation: u64,
     next_stream: u64,
 }
 
@@ -259,6 +296,7 @@ impl Registry {
             replicas: BTreeMap::new(),
             generation: 0,
             members_generation: 0,
+            residency_generation: 0,
             next_stream: 0,
         }
     }
@@ -375,6 +413,7 @@ impl Registry {
             self.replicas.insert(id.clone(), replica);
             ctx.replica = Some(id.clone());
             self.generation += 1;
+            self.residency_generation += 1;
             return Ok(Applied::Registered(id));
         }
         let id = ctx.replica.clone().ok_or(Rejection::NotRegistered)?;
@@ -404,6 +443,7 @@ impl Registry {
                         r.next_seq = Some(n + 1);
                         r.apply(&d.added, &d.removed);
                         self.generation += 1;
+                        self.residency_generation += 1;
                         Applied::Ok
                     }
                     Some(n) => {
@@ -419,12 +459,14 @@ impl Registry {
                 r.apply(&s.resident, &[]);
                 r.next_seq = Some(s.seq + 1);
                 self.generation += 1;
+                self.residency_generation += 1;
                 Applied::Ok
             }
             replica_report::Event::Cleared(c) => {
                 r.clear();
                 r.next_seq = Some(c.seq + 1);
                 self.generation += 1;
+                self.residency_generation += 1;
                 Applied::Ok
             }
         };
@@ -455,6 +497,7 @@ impl Registry {
         if !gone.is_empty() {
             self.generation += 1;
             self.members_generation += 1;
+            self.residency_generation += 1;
         }
         gone
     }

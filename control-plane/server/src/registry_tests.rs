@@ -201,6 +201,28 @@ fn shard_resources_cover_residency_exactly() {
     assert_eq!(names, vec!["p/r1/0", "p/r1/1", "p/r1/2", "p/r1/3"]);
 }
 
+#[test]
+fn published_shards_keep_their_content_while_the_registry_changes() {
+    let mut reg = Registry::new(config());
+    let mut ctx = registered(&mut reg, "r1");
+    reg.apply(&mut ctx, snapshot(1, &[0, 4, 8]), Instant::now())
+        .expect("snapshot");
+    let r = reg.replicas_mut().next().expect("r1");
+    let before: Vec<Arc<Resource>> = r.shard_resources().cloned().collect();
+    let body_before = before[0].body();
+    reg.apply(&mut ctx, delta(2, &[12], &[4]), Instant::now())
+        .expect("delta");
+    // What a snapshot already holds (and may still be sending) is unchanged.
+    assert_eq!(before[0].body(), body_before);
+    let r = reg.replicas_mut().next().expect("r1");
+    let after: Vec<Arc<Resource>> = r.shard_resources().cloned().collect();
+    assert_eq!(after[0].name, before[0].name);
+    assert_ne!(after[0].version, before[0].version);
+    let shard: kvmesh_plugins_sdk::proto::ResidencyShard =
+        prost::Message::decode(after[0].body().value.as_slice()).expect("decode");
+    assert_eq!(shard.resident[0].chunks, vec![0, 8, 12]);
+}
+
 proptest! {
     /// Residency after any sequence of deltas equals a plain set model, and
     /// the shard resources hold exactly those chunks.
@@ -220,7 +242,7 @@ proptest! {
         prop_assert_eq!(r.resident_chunks(), model.len());
         let mut seen = BTreeSet::new();
         for res in r.shard_resources() {
-            let shard: ResidencyShard = prost::Message::decode(res.body.value.as_slice()).expect("decode");
+            let shard: kvmesh_plugins_sdk::proto::ResidencyShard = prost::Message::decode(res.body().value.as_slice()).expect("decode");
             for t in shard.resident {
                 for c in t.chunks {
                     prop_assert_eq!(c % 4, u64::from(shard.shard));

@@ -135,11 +135,7 @@ impl DeltaType {
         };
         for r in candidates {
             if self.known.get(&r.name) != Some(&r.version) {
-                let size = r.body.value.len()
-                    + r.body.type_url.len()
-                    + r.name.len()
-                    + r.version.len()
-                    + 16;
+                let size = r.body_len() + r.name.len() + r.version.len() + 16;
                 if !resources.is_empty() && bytes.saturating_add(size) > max_bytes {
                     break;
                 }
@@ -149,7 +145,7 @@ impl DeltaType {
                 resources.push(WireResource {
                     name: r.name.clone(),
                     version: r.version.clone(),
-                    resource: Some(r.body.clone()),
+                    resource: Some(r.body()),
                     ..Default::default()
                 });
             }

@@ -13,6 +13,6 @@ pub mod sotw;
 pub mod status;
 
 pub use cache::SnapshotCache;
-pub use resource::{Resource, Snapshot, TypeResources, type_url};
+pub use resource::{LazyBody, Resource, Snapshot, TypeResources, type_url};
 pub use server::{Observer, XdsServer};
 pub use status::{Answer, Outcome, StatusTracker};

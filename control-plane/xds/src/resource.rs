@@ -26,13 +26,39 @@ pub mod type_url {
     }
 }
 
+/// A body encoded only when it is sent. Large, changing resources (residency
+/// shards) would otherwise be held twice: once as the caller's data and once
+/// encoded in the snapshot. The caller hands out an immutable view (e.g.
+/// `Arc`-shared lists) and a version it computed from the same content.
+pub trait LazyBody: Send + Sync + std::fmt::Debug {
+    /// The message encoded (what [`Any::value`] carries).
+    fn encode(&self) -> Vec<u8>;
+    /// Length of [`encode`](Self::encode)'s output, without encoding.
+    fn encoded_len(&self) -> usize;
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    Encoded(Any),
+    Lazy {
+        type_url: String,
+        body: Arc<dyn LazyBody>,
+    },
+}
+
 /// One named resource with the version of its content.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Resource {
     pub name: String,
-    /// Hash of the encoded body: equal content, equal version, across restarts.
+    /// Hash of the content: equal content, equal version, across restarts.
     pub version: String,
-    pub body: Any,
+    body: Body,
+}
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.version == other.version && self.body() == other.body()
+    }
 }
 
 impl Resource {
@@ -41,7 +67,7 @@ impl Resource {
         Self {
             name: name.into(),
             version,
-            body,
+            body: Body::Encoded(body),
         }
     }
 
@@ -58,6 +84,43 @@ impl Resource {
                 value: msg.encode_to_vec(),
             },
         )
+    }
+
+    /// A resource encoded when sent; `version` must change whenever the
+    /// encoding would.
+    pub fn lazy(
+        name: impl Into<String>,
+        type_url: &str,
+        version: String,
+        body: Arc<dyn LazyBody>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            version,
+            body: Body::Lazy {
+                type_url: type_url.to_owned(),
+                body,
+            },
+        }
+    }
+
+    /// The body as sent (encoded now for a lazy resource).
+    pub fn body(&self) -> Any {
+        match &self.body {
+            Body::Encoded(any) => any.clone(),
+            Body::Lazy { type_url, body } => Any {
+                type_url: type_url.clone(),
+                value: body.encode(),
+            },
+        }
+    }
+
+    /// Encoded size of the body: type URL plus value.
+    pub fn body_len(&self) -> usize {
+        match &self.body {
+            Body::Encoded(any) => any.type_url.len() + any.value.len(),
+            Body::Lazy { type_url, body } => type_url.len() + body.encoded_len(),
+        }
     }
 }
 
@@ -164,6 +227,32 @@ mod tests {
         let renamed = TypeResources::new([res("a", b"x"), res("c", b"y")]);
         assert_eq!(one.version, same.version);
         assert_ne!(one.version, renamed.version);
+    }
+
+    #[derive(Debug)]
+    struct Fixed(Vec<u8>);
+
+    impl LazyBody for Fixed {
+        fn encode(&self) -> Vec<u8> {
+            self.0.clone()
+        }
+        fn encoded_len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    #[test]
+    fn lazy_body_encodes_when_asked() {
+        let r = Resource::lazy("a", "t", "v1".into(), Arc::new(Fixed(b"xyz".to_vec())));
+        assert_eq!(
+            r.body(),
+            Any {
+                type_url: "t".into(),
+                value: b"xyz".to_vec()
+            }
+        );
+        assert_eq!(r.body_len(), 4);
+        assert_eq!(res("a", b"xyz").body(), r.body());
     }
 
     #[test]

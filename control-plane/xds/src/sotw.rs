@@ -135,7 +135,7 @@ impl SotwType {
         });
         Some(DiscoveryResponse {
             version_info: version,
-            resources: selected.iter().map(|r| r.body.clone()).collect(),
+            resources: selected.iter().map(|r| r.body()).collect(),
             type_url: self.type_url.clone(),
             nonce,
             ..Default::default()

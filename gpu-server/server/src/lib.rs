@@ -5,6 +5,7 @@ pub mod api;
 mod error;
 mod generate;
 mod metrics;
+pub mod reporter;
 pub mod residency;
 mod routes;
 

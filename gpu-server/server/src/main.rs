@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kvmesh_gpu_server_engine::EngineConfig;
 use kvmesh_gpu_server_model::tiny::{self, TinySpec};
+use kvmesh_gpu_server_server::reporter::{ReportTarget, StateReporter};
 use kvmesh_gpu_server_server::{AppState, ServerConfig, serve};
 
 #[derive(Parser, Debug)]
@@ -18,15 +19,34 @@ struct Cli {
     /// A .gguf file or an HF directory (config.json, tokenizer.json, *.safetensors).
     #[arg(
         long,
-        env = "KVMESH_MODEL",
+        alias = "model-path",
+        env = "KVMESH_MODEL_PATH",
         default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     )]
     model: PathBuf,
-    /// The model name clients send; also seeds the text-chunk hashes.
-    #[arg(long, default_value = "SmolLM2-135M-Instruct")]
+    /// The model name clients send; also seeds the text-chunk hashes and picks the
+    /// control plane's pool.
+    #[arg(
+        long,
+        env = "KVMESH_MODEL_NAME",
+        default_value = "SmolLM2-135M-Instruct"
+    )]
     model_name: String,
-    #[arg(long, default_value = "127.0.0.1:8000")]
+    #[arg(long, env = "KVMESH_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
+    /// Overrides the port of `--listen` (0: any free port).
+    #[arg(long, env = "KVMESH_PORT")]
+    port: Option<u16>,
+    /// Control plane `ReplicaState` endpoint (e.g. `http://127.0.0.1:18000`); when set, the
+    /// server registers and streams its load and KV residency there.
+    #[arg(long, env = "KVMESH_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// Replica id reported to the control plane (default: the advertised address).
+    #[arg(long, env = "KVMESH_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// `host:port` the gateway sends requests to (default: the bound address).
+    #[arg(long, env = "KVMESH_ADVERTISE_ADDRESS")]
+    advertise_address: Option<String>,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_tokens: usize,
@@ -100,8 +120,30 @@ async fn main() -> anyhow::Result<()> {
     };
     let state = AppState::load(&cli.model, &cfg)
         .with_context(|| format!("loading {}", cli.model.display()))?;
-    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, model = %cfg.model_name, "serving");
+    let mut listen = cli.listen;
+    if let Some(port) = cli.port {
+        listen.set_port(port);
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, model = %cfg.model_name, "serving");
+    let _reporter = cli.control_plane.map(|endpoint| {
+        let address = cli.advertise_address.unwrap_or_else(|| bound.to_string());
+        let replica_id = cli.replica_id.unwrap_or_else(|| address.clone());
+        tracing::info!(%endpoint, %replica_id, %address, "reporting state to the control plane");
+        StateReporter::spawn(
+            &state.engine,
+            ReportTarget {
+                endpoint,
+                replica_id,
+                address,
+                model: cfg.model_name.clone(),
+                chunk_bytes: cfg.chunk_bytes,
+            },
+        )
+    });
     serve(listener, state).await?;
     Ok(())
 }

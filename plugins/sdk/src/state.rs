@@ -186,6 +186,41 @@ impl StateReader {
     }
 }
 
+/// One replica's residency as the writer keeps it.
+#[derive(Debug, Clone, Default)]
+struct ReplicaShards {
+    /// shard -> chunk -> tier bits.
+    shards: HashMap<u32, ChunkMap<u8>>,
+    /// This replica's `ReplicaResidency`, encoded, while its shards are
+    /// unchanged: a snapshot re-encodes only the replicas that changed, so
+    /// writing one stays cheap when a pool holds millions of chunks.
+    encoded: Option<Vec<u8>>,
+}
+
+impl ReplicaShards {
+    fn message(&self, id: &str) -> proto::ReplicaResidency {
+        let mut tiers: [Vec<u64>; 3] = Default::default();
+        for chunks in self.shards.values() {
+            for (&c, &bits) in chunks {
+                for (i, bit) in [DEVICE, HOST, DISK].into_iter().enumerate() {
+                    if bits & bit != 0 {
+                        tiers[i].push(c);
+                    }
+                }
+            }
+        }
+        proto::ReplicaResidency {
+            replica_id: id.to_owned(),
+            resident: tier_chunks(tiers),
+        }
+    }
+}
+
+/// Field number of `PoolSnapshot.residency` (state.proto): the last field, so
+/// appending its entries to the encoding of the other fields is exactly what
+/// prost writes for the whole message.
+const SNAPSHOT_RESIDENCY_FIELD: u32 = 6;
+
 /// Turns pool and residency updates into shared-data writes. Used by the state
 /// pump (from delta-xDS resources) and by the host's simulator.
 #[derive(Debug, Clone)]
@@ -199,8 +234,8 @@ pub struct StateWriter {
     model: String,
     chunk_bytes: u32,
     replicas: BTreeMap<String, proto::ReplicaInfo>,
-    /// (replica, shard) -> chunk -> tier bits.
-    shards: HashMap<(String, u32), ChunkMap<u8>>,
+    /// replica -> its shards and their snapshot encoding.
+    residency: BTreeMap<String, ReplicaShards>,
     pending: proto::PoolDelta,
     pending_residency: BTreeMap<String, proto::ResidencyChange>,
 }
@@ -219,7 +254,7 @@ impl StateWriter {
             model: String::new(),
             chunk_bytes: crate::chunk::DEFAULT_CHUNK_BYTES,
             replicas: BTreeMap::new(),
-            shards: HashMap::new(),
+            residency: BTreeMap::new(),
             pending: proto::PoolDelta::default(),
             pending_residency: BTreeMap::new(),
         }
@@ -273,6 +308,9 @@ impl StateWriter {
     /// Readers drop a replica's residency with the replica; when it (re)joins
     /// they get everything it holds again.
     fn publish_all_residency(&mut self, id: &str) {
+        let Some(held) = self.residency.get(id) else {
+            return;
+        };
         let empty = ChunkMap::default();
         let change = self
             .pending_residency
@@ -281,10 +319,8 @@ impl StateWriter {
                 replica_id: id.to_owned(),
                 ..Default::default()
             });
-        for ((replica, _), chunks) in &self.shards {
-            if replica == id {
-                diff_into(&empty, chunks, change);
-            }
+        for chunks in held.shards.values() {
+            diff_into(&empty, chunks, change);
         }
     }
 
@@ -309,24 +345,23 @@ impl StateWriter {
                 }
             }
         }
-        let key = (shard.replica_id.clone(), shard.shard);
-        let prev = self.shards.remove(&key).unwrap_or_default();
-        if !self.replicas.contains_key(&shard.replica_id) {
-            if !next.is_empty() {
-                self.shards.insert(key, next);
-            }
-            return;
+        let held = self.residency.entry(shard.replica_id.clone()).or_default();
+        held.encoded = None;
+        let prev = held.shards.remove(&shard.shard).unwrap_or_default();
+        if self.replicas.contains_key(&shard.replica_id) {
+            let change = self
+                .pending_residency
+                .entry(shard.replica_id.clone())
+                .or_insert_with(|| proto::ResidencyChange {
+                    replica_id: shard.replica_id.clone(),
+                    ..Default::default()
+                });
+            diff_into(&prev, &next, change);
         }
-        let change = self
-            .pending_residency
-            .entry(shard.replica_id.clone())
-            .or_insert_with(|| proto::ResidencyChange {
-                replica_id: shard.replica_id.clone(),
-                ..Default::default()
-            });
-        diff_into(&prev, &next, change);
         if !next.is_empty() {
-            self.shards.insert(key, next);
+            held.shards.insert(shard.shard, next);
+        } else if held.shards.is_empty() {
+            self.residency.remove(&shard.replica_id);
         }
     }
 
@@ -373,7 +408,7 @@ impl StateWriter {
         self.since_snapshot += 1;
         let first = self.seq == 1;
         if first || self.since_snapshot >= self.snapshot_every {
-            writes.push((snapshot_key(&self.pool), self.snapshot().encode_to_vec()));
+            writes.push((snapshot_key(&self.pool), self.encoded_snapshot()));
             self.since_snapshot = 0;
         }
         let snapshot_seq = self.seq - u64::from(self.since_snapshot);
@@ -390,33 +425,48 @@ impl StateWriter {
 
     /// The whole current state as a snapshot message.
     pub fn snapshot(&self) -> proto::PoolSnapshot {
-        let mut by_replica: BTreeMap<&str, [Vec<u64>; 3]> = BTreeMap::new();
-        for ((replica, _), chunks) in &self.shards {
-            if !self.replicas.contains_key(replica) {
+        let mut msg = self.snapshot_head();
+        msg.residency = self
+            .residency
+            .iter()
+            .filter(|(id, _)| self.replicas.contains_key(*id))
+            .map(|(id, held)| held.message(id))
+            .collect();
+        msg
+    }
+
+    /// [`snapshot`](Self::snapshot) encoded, byte for byte, re-encoding only
+    /// the residency of replicas whose shards changed since the last call.
+    pub fn encoded_snapshot(&mut self) -> Vec<u8> {
+        let mut buf = self.snapshot_head().encode_to_vec();
+        for (id, held) in &mut self.residency {
+            if !self.replicas.contains_key(id) {
                 continue;
             }
-            let tiers = by_replica.entry(replica.as_str()).or_default();
-            for (&c, &bits) in chunks {
-                for (i, bit) in [DEVICE, HOST, DISK].into_iter().enumerate() {
-                    if bits & bit != 0 {
-                        tiers[i].push(c);
-                    }
-                }
+            if held.encoded.is_none() {
+                held.encoded = Some(held.message(id).encode_to_vec());
             }
+            let body = held.encoded.as_deref().unwrap_or_default();
+            prost::encoding::encode_key(
+                SNAPSHOT_RESIDENCY_FIELD,
+                prost::encoding::WireType::LengthDelimited,
+                &mut buf,
+            );
+            prost::encoding::encode_varint(body.len() as u64, &mut buf);
+            buf.extend_from_slice(body);
         }
+        buf
+    }
+
+    /// Everything of a snapshot but its residency.
+    fn snapshot_head(&self) -> proto::PoolSnapshot {
         proto::PoolSnapshot {
             epoch: self.epoch,
             seq: self.seq,
             model: self.model.clone(),
             chunk_bytes: self.chunk_bytes,
             replicas: self.replicas.values().cloned().collect(),
-            residency: by_replica
-                .into_iter()
-                .map(|(id, tiers)| proto::ReplicaResidency {
-                    replica_id: id.to_owned(),
-                    resident: tier_chunks(tiers),
-                })
-                .collect(),
+            residency: Vec::new(),
         }
     }
 }

@@ -30,13 +30,21 @@ pub struct PumpConfig {
     /// Delay before reopening a failed stream (doubles up to 5 s).
     #[serde(default = "default_retry_ms")]
     pub retry_ms: u64,
+    /// Deltas kept in shared data. A filter that falls further behind reloads
+    /// the whole snapshot (tens of MB at 256 replicas x 10,000 chunks) inside
+    /// a request, so the ring spans many seconds of flushes.
+    #[serde(default = "default_ring")]
+    pub ring: u32,
+    /// A snapshot is written after this many deltas (< `ring`).
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u32,
 }
 
 fn default_node() -> String {
     "kvmesh-gateway".into()
 }
 fn default_flush_ms() -> u64 {
-    100
+    20
 }
 fn default_max_message() -> usize {
     Limits::default().max_message_bytes
@@ -46,6 +54,12 @@ fn default_max_resources() -> usize {
 }
 fn default_retry_ms() -> u64 {
     200
+}
+fn default_ring() -> u32 {
+    1024
+}
+fn default_snapshot_every() -> u32 {
+    256
 }
 
 impl PumpConfig {
@@ -59,6 +73,9 @@ impl PumpConfig {
             return Err(
                 "invalid state pump config: flush_ms and max_message_bytes must be > 0".into(),
             );
+        }
+        if c.snapshot_every == 0 || c.snapshot_every >= c.ring {
+            return Err("invalid state pump config: snapshot_every must be > 0 and < ring".into());
         }
         Ok(c)
     }
@@ -145,9 +162,10 @@ impl Pump {
 
     fn writer(&mut self, pool: &str) -> &mut StateWriter {
         let epoch = self.epoch;
+        let (ring, every) = (self.config.ring, self.config.snapshot_every);
         self.writers
             .entry(pool.to_owned())
-            .or_insert_with(|| StateWriter::new(pool, epoch))
+            .or_insert_with(|| StateWriter::new(pool, epoch).with_ring(ring, every))
     }
 
     /// Takes in the changes of one applied response.
@@ -220,8 +238,12 @@ mod tests {
     #[test]
     fn config_defaults_and_errors() {
         let c = config();
-        assert_eq!((c.flush_ms, c.node_id.as_str()), (100, "kvmesh-gateway"));
+        assert_eq!((c.flush_ms, c.node_id.as_str()), (20, "kvmesh-gateway"));
+        assert_eq!((c.ring, c.snapshot_every), (1024, 256));
         assert!(PumpConfig::parse(b"{}").is_err());
+        assert!(
+            PumpConfig::parse(br#"{"cluster": "cp", "ring": 8, "snapshot_every": 8}"#).is_err()
+        );
         assert!(PumpConfig::parse(br#"{"cluster": "cp", "bogus": 1}"#).is_err());
         assert!(PumpConfig::parse(b"not json").is_err());
     }
@@ -246,7 +268,7 @@ mod tests {
         let writes = p.flush_due(1_000);
         assert_eq!(writes.last().map(|w| w.0.clone()), Some(head_key("p")));
         let head = StateHead::decode(writes.last().expect("head").1.as_slice()).expect("head");
-        assert_eq!((head.epoch, head.seq), (7, 1));
+        assert_eq!((head.epoch, head.seq, head.ring), (7, 1, 1024));
         // More changes within the period wait for the next one.
         let shard = ResidencyShard {
             pool: "p".into(),
@@ -263,8 +285,8 @@ mod tests {
             pool: "p".into(),
             shard: Some(shard),
         }]);
-        assert!(p.flush_due(1_050).is_empty());
-        let writes = p.flush_due(1_100);
+        assert!(p.flush_due(1_010).is_empty());
+        let writes = p.flush_due(1_020);
         let head = StateHead::decode(writes.last().expect("head").1.as_slice()).expect("head");
         assert_eq!(head.seq, 2);
         assert!(p.flush_due(5_000).is_empty(), "nothing changed");

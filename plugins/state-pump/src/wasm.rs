@@ -13,8 +13,9 @@ use crate::pump::{Pump, PumpConfig, Stream};
 
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const METHOD: &str = "DeltaAggregatedResources";
-/// Ticks are frequent so that writes leave soon after `flush_ms` elapsed.
-const TICK: Duration = Duration::from_millis(20);
+/// Ticks are frequent so that writes leave soon after `flush_ms` elapsed
+/// (a change that waited for the flush window goes out within a tick).
+const TICK: Duration = Duration::from_millis(10);
 
 fn log(level: LogLevel, msg: &str) {
     let _ = hostcalls::log(level, msg);

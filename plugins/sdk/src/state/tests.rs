@@ -213,7 +213,11 @@ proptest! {
                     let c: Vec<_> = chunks.into_iter().filter(|&(_, c)| c % 3 == u64::from(s)).collect();
                     w.set_shard(&shard(r, s, &c));
                 }
-                Op::Flush => shared.write(w.flush()),
+                Op::Flush => {
+                    shared.write(w.flush());
+                    // The cached encoding is byte for byte the message's.
+                    prop_assert_eq!(w.encoded_snapshot(), w.snapshot().encode_to_vec());
+                }
                 Op::Read(i) => {
                     readers[i].refresh(shared.get()).unwrap();
                 }
