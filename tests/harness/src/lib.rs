@@ -1,9 +1,13 @@
 //! Test support for kvmesh: starts real Envoy processes on ephemeral loopback
-//! ports, serves in-process upstreams that record what reached them, and reads
-//! Envoy's stats. Readiness is polled with deadlines; nothing sleeps and hopes.
+//! ports, serves in-process upstreams that record what reached them, reads
+//! Envoy's stats, and runs the whole stack (control plane, model-server
+//! replicas, Envoy) on one machine ([`stack`]). Readiness is polled with
+//! deadlines; nothing sleeps and hopes.
 
 mod envoy;
 mod gateway;
+pub mod load;
+pub mod stack;
 mod upstream;
 
 pub use envoy::{Envoy, envoy_bin, plugin_path, workspace_root};
