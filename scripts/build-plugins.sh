@@ -5,17 +5,8 @@
 # (host/fixture) is built too, as target/plugins/host-fixture.wasm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=()
-for toml in plugins/*/Cargo.toml host/fixture/Cargo.toml; do
-  if grep -q 'crate-type *= *\["cdylib"\]' "$toml"; then
-    # First `name =` only, without a pipe (pipefail + head can SIGPIPE).
-    pkgs+=(-p "$(sed -n '0,/^name *=/s/^name *= *"\(.*\)"/\1/p' "$toml")")
-  fi
-done
-if [ ${#pkgs[@]} -eq 0 ]; then
-  echo "no plugin crates found" >&2
-  exit 1
-fi
+source scripts/lib.sh
+wasm_packages pkgs
 cargo build --locked --target wasm32-wasip1 --profile wasm "${pkgs[@]}"
 mkdir -p target/plugins
 for f in target/wasm32-wasip1/wasm/*.wasm; do

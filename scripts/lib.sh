@@ -14,3 +14,21 @@ envoy_bin() {
   fi
   echo "$b"
 }
+
+# `-p <name>` for every proxy-wasm cdylib crate (plugins/*, host/fixture), into
+# the array named by $1.
+wasm_packages() {
+  local -n out="$1"
+  local toml
+  out=()
+  for toml in "$KVMESH_ROOT"/plugins/*/Cargo.toml "$KVMESH_ROOT"/host/fixture/Cargo.toml; do
+    if grep -q 'crate-type *= *\["cdylib"\]' "$toml"; then
+      # First `name =` only, without a pipe (pipefail + head can SIGPIPE).
+      out+=(-p "$(sed -n '0,/^name *=/s/^name *= *"\(.*\)"/\1/p' "$toml")")
+    fi
+  done
+  if [ ${#out[@]} -eq 0 ]; then
+    echo "no plugin crates found" >&2
+    return 1
+  fi
+}
