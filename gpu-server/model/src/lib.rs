@@ -53,12 +53,31 @@ pub struct Loaded {
     pub template: Option<ChatTemplate>,
 }
 
+/// How weights are prepared at load.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Requantize GGUF weights of types that have no SIMD matmul kernel here (Q4_1, Q5_0,
+    /// Q5_1 on x86-64) to Q8_0, which has one. On by default; off keeps the file's types.
+    pub repack: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { repack: true }
+    }
+}
+
 /// Loads a `.gguf` file, or a directory with `config.json`, `tokenizer.json` and
 /// `*.safetensors` (plus `tokenizer_config.json` for the chat template).
 pub fn load(path: &Path) -> Result<Loaded> {
+    load_with(path, LoadOptions::default())
+}
+
+/// [`load`] with explicit [`LoadOptions`].
+pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Loaded> {
     if path.is_dir() {
         safetensors::load(path)
     } else {
-        gguf::load(path)
+        gguf::load(path, opts)
     }
 }

@@ -1,5 +1,8 @@
-//! Tiny random-weight Llama models for fast tests: written as GGUF (byte-level tokenizer, a
-//! ChatML template) and, with the same weights, as an HF safetensors directory.
+//! Random-weight Llama models: tiny ones for fast tests, and real shapes (for example
+//! Llama-3.1-8B's) to measure throughput without downloading weights. Written as GGUF
+//! (byte-level tokenizer, a ChatML template) and, with the same weights, as an HF safetensors
+//! directory. Weights are made and quantized one tensor at a time, so writing an 8B-shaped
+//! model holds the quantized file in memory, never its f32 weights.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use crate::Result;
 use crate::tokenizer::byte_alphabet;
 
-/// Shape and seed of a tiny model.
+/// Shape and seed of a random-weight model.
 #[derive(Debug, Clone)]
 pub struct TinySpec {
     pub layers: usize,
@@ -23,6 +26,10 @@ pub struct TinySpec {
     pub kv_heads: usize,
     pub intermediate: usize,
     pub context_length: usize,
+    /// Vocabulary size: the 256 byte tokens and [`SPECIALS`], then filler tokens `<x_N>` up to
+    /// this size (at least `256 + SPECIALS.len()`), so the embedding and output projection have
+    /// the real model's shape. Filler tokens are never produced by tokenizing.
+    pub vocab_size: usize,
     /// Type of the projection weights (F32, F16, Q8_0, Q4_0, Q4_1).
     pub dtype: GgmlDType,
     pub seed: u64,
@@ -37,9 +44,55 @@ impl Default for TinySpec {
             kv_heads: 2,
             intermediate: 128,
             context_length: 2048,
+            vocab_size: 256 + SPECIALS.len(),
             dtype: GgmlDType::Q8_0,
             seed: 7,
         }
+    }
+}
+
+impl TinySpec {
+    /// The named shapes [`TinySpec::shape`] knows.
+    pub const SHAPES: [&str; 3] = ["tiny", "smollm2-135m", "llama-3.1-8b"];
+
+    /// A named shape with random weights of `dtype`: `tiny` (the test default),
+    /// `smollm2-135m` (30 layers, hidden 576, 9 heads, 3 KV heads, head dim 64, vocab 49,152) or
+    /// `llama-3.1-8b` (32 layers, hidden 4,096, 32 heads, 8 KV heads, head dim 128, FFN 14,336,
+    /// vocab 128,256).
+    pub fn shape(name: &str, dtype: GgmlDType, seed: u64) -> Option<Self> {
+        let base = Self {
+            dtype,
+            seed,
+            ..Self::default()
+        };
+        Some(match name {
+            "tiny" => base,
+            "smollm2-135m" => Self {
+                layers: 30,
+                hidden: 576,
+                heads: 9,
+                kv_heads: 3,
+                intermediate: 1536,
+                context_length: 8192,
+                vocab_size: 49_152,
+                ..base
+            },
+            "llama-3.1-8b" => Self {
+                layers: 32,
+                hidden: 4096,
+                heads: 32,
+                kv_heads: 8,
+                intermediate: 14_336,
+                context_length: 32_768,
+                vocab_size: 128_256,
+                ..base
+            },
+            _ => return None,
+        })
+    }
+
+    fn vocab(&self) -> usize {
+        self.vocab_size.max(256 + SPECIALS.len())
     }
 }
 
@@ -48,11 +101,6 @@ pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// HF-layout weights (`(out, in)`, q/k not permuted) of a tiny model.
-struct Weights {
-    tensors: Vec<(String, Tensor)>,
-}
-
 fn random(rng: &mut rand::rngs::StdRng, shape: (usize, usize), scale: f32) -> Result<Tensor> {
     let v: Vec<f32> = (0..shape.0 * shape.1)
         .map(|_| rng.random_range(-scale..scale))
@@ -60,66 +108,47 @@ fn random(rng: &mut rand::rngs::StdRng, shape: (usize, usize), scale: f32) -> Re
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
-fn weights(spec: &TinySpec) -> Result<Weights> {
+/// Makes the HF-layout weights (`(out, in)`, q/k not permuted) one tensor at a time, in a fixed
+/// order from one seeded generator, and hands each to `f`.
+fn weights(spec: &TinySpec, mut f: impl FnMut(&str, Tensor) -> Result<()>) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
-    let vocab = 256 + SPECIALS.len();
+    let vocab = spec.vocab();
     let hd = spec.hidden / spec.heads;
     let h = spec.hidden;
-    let mut t = Vec::new();
-    t.push((
-        "model.embed_tokens.weight".to_string(),
+    let norm = |rng: &mut rand::rngs::StdRng| -> Result<Tensor> {
+        Ok((random(rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?)
+    };
+    f(
+        "model.embed_tokens.weight",
         random(&mut rng, (vocab, h), 1.0)?,
-    ));
+    )?;
     for i in 0..spec.layers {
         let p = format!("model.layers.{i}");
         let s = 1.0 / (h as f32).sqrt() * 1.7;
-        t.push((
-            format!("{p}.self_attn.q_proj.weight"),
-            random(&mut rng, (spec.heads * hd, h), s)?,
-        ));
-        t.push((
-            format!("{p}.self_attn.k_proj.weight"),
-            random(&mut rng, (spec.kv_heads * hd, h), s)?,
-        ));
-        t.push((
-            format!("{p}.self_attn.v_proj.weight"),
-            random(&mut rng, (spec.kv_heads * hd, h), s)?,
-        ));
-        t.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            random(&mut rng, (h, spec.heads * hd), s)?,
-        ));
-        t.push((
-            format!("{p}.mlp.gate_proj.weight"),
-            random(&mut rng, (spec.intermediate, h), s)?,
-        ));
-        t.push((
-            format!("{p}.mlp.up_proj.weight"),
-            random(&mut rng, (spec.intermediate, h), s)?,
-        ));
         let sd = 1.0 / (spec.intermediate as f32).sqrt() * 1.7;
-        t.push((
-            format!("{p}.mlp.down_proj.weight"),
-            random(&mut rng, (h, spec.intermediate), sd)?,
-        ));
-        t.push((
-            format!("{p}.input_layernorm.weight"),
-            (random(&mut rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?,
-        ));
-        t.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            (random(&mut rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?,
-        ));
+        let projections = [
+            ("self_attn.q_proj", (spec.heads * hd, h), s),
+            ("self_attn.k_proj", (spec.kv_heads * hd, h), s),
+            ("self_attn.v_proj", (spec.kv_heads * hd, h), s),
+            ("self_attn.o_proj", (h, spec.heads * hd), s),
+            ("mlp.gate_proj", (spec.intermediate, h), s),
+            ("mlp.up_proj", (spec.intermediate, h), s),
+            ("mlp.down_proj", (h, spec.intermediate), sd),
+        ];
+        for (name, shape, scale) in projections {
+            f(
+                &format!("{p}.{name}.weight"),
+                random(&mut rng, shape, scale)?,
+            )?;
+        }
+        f(&format!("{p}.input_layernorm.weight"), norm(&mut rng)?)?;
+        f(
+            &format!("{p}.post_attention_layernorm.weight"),
+            norm(&mut rng)?,
+        )?;
     }
-    t.push((
-        "model.norm.weight".to_string(),
-        (random(&mut rng, (1, h), 0.2)? + 1.0)?.squeeze(0)?,
-    ));
-    t.push((
-        "lm_head.weight".to_string(),
-        random(&mut rng, (vocab, h), 0.5)?,
-    ));
-    Ok(Weights { tensors: t })
+    f("model.norm.weight", norm(&mut rng)?)?;
+    f("lm_head.weight", random(&mut rng, (vocab, h), 0.5)?)
 }
 
 /// llama.cpp's q/k permutation: HF rotates halves, GGUF Llama rotates adjacent pairs.
@@ -158,23 +187,24 @@ fn gguf_name(hf: &str) -> String {
     format!("blk.{i}.{n}")
 }
 
-fn vocab_tokens() -> Vec<String> {
+fn vocab_tokens(spec: &TinySpec) -> Vec<String> {
     let alpha = byte_alphabet();
     let mut v: Vec<String> = alpha.iter().map(|c| c.to_string()).collect();
     v.extend(SPECIALS.iter().map(|s| s.to_string()));
+    let named = v.len();
+    v.extend((named..spec.vocab()).map(|i| format!("<x_{i}>")));
     v
 }
 
-/// Writes the tiny model as a GGUF file (architecture `llama`, tokenizer `gpt2` with no
-/// merges: one token per byte).
+/// Writes the model as a GGUF file (architecture `llama`, tokenizer `gpt2` with no merges: one
+/// token per byte).
 pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
-    let w = weights(spec)?;
     let mut qs: Vec<(String, QTensor)> = Vec::new();
-    for (name, t) in &w.tensors {
-        let t = match name.as_str() {
-            n if n.ends_with("q_proj.weight") => permute(t, spec.heads)?,
-            n if n.ends_with("k_proj.weight") => permute(t, spec.kv_heads)?,
-            _ => t.clone(),
+    weights(spec, |name, t| {
+        let t = match name {
+            n if n.ends_with("q_proj.weight") => permute(&t, spec.heads)?,
+            n if n.ends_with("k_proj.weight") => permute(&t, spec.kv_heads)?,
+            _ => t,
         };
         let dtype = if t.rank() == 2 && !name.contains("embed") {
             spec.dtype
@@ -182,10 +212,12 @@ pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
             GgmlDType::F32
         };
         qs.push((gguf_name(name), QTensor::quantize(&t, dtype)?));
-    }
-    let tokens = vocab_tokens();
+        Ok(())
+    })?;
+    let tokens = vocab_tokens(spec);
+    let specials = 256..256 + SPECIALS.len();
     let types: Vec<Value> = (0..tokens.len())
-        .map(|i| Value::I32(if i < 256 { 1 } else { 3 }))
+        .map(|i| Value::I32(if specials.contains(&i) { 3 } else { 1 }))
         .collect();
     let u32v = |x: usize| Value::U32(x as u32);
     let md: Vec<(&str, Value)> = vec![
@@ -223,8 +255,11 @@ pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
 /// `tokenizer_config.json`, `model.safetensors` (F32).
 pub fn write_safetensors_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let w = weights(spec)?;
-    let map: HashMap<String, Tensor> = w.tensors.into_iter().collect();
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    weights(spec, |name, t| {
+        map.insert(name.to_string(), t);
+        Ok(())
+    })?;
     candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
     let config = serde_json::json!({
         "model_type": "llama",
@@ -236,11 +271,11 @@ pub fn write_safetensors_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": spec.context_length,
-        "vocab_size": 256 + SPECIALS.len(),
+        "vocab_size": spec.vocab(),
         "tie_word_embeddings": false,
     });
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
-    let vocab: serde_json::Map<String, serde_json::Value> = vocab_tokens()
+    let vocab: serde_json::Map<String, serde_json::Value> = vocab_tokens(spec)
         .into_iter()
         .enumerate()
         .map(|(i, t)| (t, serde_json::Value::from(i)))

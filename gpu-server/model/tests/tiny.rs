@@ -228,3 +228,49 @@ fn a_bad_block_table_is_an_error_not_a_panic() {
     );
     assert!(vocab.is_err());
 }
+
+#[test]
+fn real_shapes_are_written_and_load_with_their_dimensions() {
+    // SmolLM2-135M's shape: written, loaded, and run (random weights: only shapes matter).
+    let spec = TinySpec::shape("smollm2-135m", GgmlDType::Q4_0, 3).unwrap();
+    let p = tmp("smollm2-shape.gguf");
+    write_gguf(&p, &spec).unwrap();
+    let m = load(&p).unwrap();
+    let c = m.model.config();
+    assert_eq!(
+        (
+            c.layers,
+            c.hidden,
+            c.heads,
+            c.kv_heads,
+            c.head_dim,
+            c.intermediate
+        ),
+        (30, 576, 9, 3, 64, 1536)
+    );
+    assert_eq!(c.vocab_size, 49_152);
+    assert_eq!(
+        m.tokenizer.encode("hé").unwrap().len(),
+        3,
+        "byte-level tokens"
+    );
+    let mut pool = KvPool::new(c, 2, 16);
+    let logits = run(&m, &mut pool, &prompt(20), &[20], &[0, 1]);
+    assert_eq!(logits.dims(), &[20, 49_152]);
+    std::fs::remove_file(&p).unwrap();
+
+    // Llama-3.1-8B's shape (not written here: 4.5 GB at Q4_0).
+    let big = TinySpec::shape("llama-3.1-8b", GgmlDType::Q4_0, 3).unwrap();
+    assert_eq!(
+        (
+            big.layers,
+            big.hidden,
+            big.heads,
+            big.kv_heads,
+            big.hidden / big.heads
+        ),
+        (32, 4096, 32, 8, 128)
+    );
+    assert_eq!((big.intermediate, big.vocab_size), (14_336, 128_256));
+    assert!(TinySpec::shape("gpt-5", GgmlDType::Q4_0, 3).is_none());
+}

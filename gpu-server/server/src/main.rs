@@ -1,10 +1,11 @@
-//! `kvmesh-gpu-server`: serves a model over the OpenAI API; `gen-tiny` writes a tiny
-//! random-weight model for tests.
+//! `kvmesh-gpu-server`: serves a model over the OpenAI API; `gen-tiny` writes a random-weight
+//! model, tiny for tests or of a real shape (`--shape llama-3.1-8b`) for throughput benchmarks.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use candle_core::quantized::GgmlDType;
 use clap::{Parser, Subcommand};
 use kvmesh_gpu_server_engine::{EngineConfig, FetchPolicy};
 use kvmesh_gpu_server_model::tiny::{self, TinySpec};
@@ -87,7 +88,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Writes a tiny random-weight Llama model as GGUF (and optionally as safetensors).
+    /// Writes a random-weight Llama model as GGUF (and optionally as safetensors): tiny by
+    /// default, or a real shape to measure throughput without downloading weights.
+    #[command(alias = "gen-model")]
     GenTiny {
         #[arg(long)]
         out: PathBuf,
@@ -95,6 +98,12 @@ enum Cmd {
         safetensors_dir: Option<PathBuf>,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// `tiny`, `smollm2-135m` or `llama-3.1-8b` (32 layers, 8 KV heads, head dim 128).
+        #[arg(long, default_value = "tiny", value_parser = TinySpec::SHAPES)]
+        shape: String,
+        /// Type of the projection weights: f32, f16, q8_0, q4_0 or q4_1.
+        #[arg(long, default_value = "q8_0", value_parser = ["f32", "f16", "q8_0", "q4_0", "q4_1"])]
+        dtype: String,
     },
 }
 
@@ -110,12 +119,18 @@ async fn main() -> anyhow::Result<()> {
         out,
         safetensors_dir,
         seed,
+        shape,
+        dtype,
     }) = cli.cmd
     {
-        let spec = TinySpec {
-            seed,
-            ..TinySpec::default()
+        let dtype = match dtype.as_str() {
+            "f32" => GgmlDType::F32,
+            "f16" => GgmlDType::F16,
+            "q4_0" => GgmlDType::Q4_0,
+            "q4_1" => GgmlDType::Q4_1,
+            _ => GgmlDType::Q8_0,
         };
+        let spec = TinySpec::shape(&shape, dtype, seed).context("unknown shape")?;
         tiny::write_gguf(&out, &spec)?;
         if let Some(dir) = safetensors_dir {
             tiny::write_safetensors_dir(&dir, &spec)?;

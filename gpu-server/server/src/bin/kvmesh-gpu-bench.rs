@@ -11,6 +11,7 @@ use clap::Parser;
 use kvmesh_gpu_server_engine::{
     Engine, EngineConfig, EngineHandle, Event, Request, SamplingParams,
 };
+use kvmesh_gpu_server_model::LoadOptions;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -21,6 +22,9 @@ struct Args {
     /// Repetitions of each measurement (the median is reported, with min and max).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Keep the file's weight types (no requantization of Q4_1/Q5_x to Q8_0 at load).
+    #[arg(long)]
+    no_repack: bool,
 }
 
 struct Timing {
@@ -87,7 +91,12 @@ fn tokens(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let loaded = kvmesh_gpu_server_model::load(&args.model)?;
+    let loaded = kvmesh_gpu_server_model::load_with(
+        &args.model,
+        LoadOptions {
+            repack: !args.no_repack,
+        },
+    )?;
     let cfg = loaded.model.config().clone();
     let e = Engine::start(
         Arc::new(loaded.model),
@@ -142,6 +151,7 @@ fn main() -> anyhow::Result<()> {
     let out = json!({
         "engine": "kvmesh-gpu-server",
         "threads": candle_core::utils::get_num_threads(),
+        "repack": !args.no_repack,
         "prefill_512_tok_per_s": stats(prefill),
         "decode_128_tok_per_s": stats(decode),
         "ttft_2000_cold_ms": cold.first * 1000.0,
