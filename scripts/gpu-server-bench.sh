@@ -3,7 +3,8 @@
 # Needs llama-cpp-python 0.3.36 in a venv of its own (it builds from source; not part of
 # setup.sh): LLAMACPP_PY=/tmp/llamacpp-venv/bin/python (see
 # gpu-server/model/tests/fixtures/llamacpp_reference.py for how it was installed).
-# Prints both JSON reports; docs/benchmarks.md records a run.
+# Prints the JSON reports (llama.cpp; kvmesh; kvmesh with Q4_1 left to candle's matmul);
+# docs/benchmarks.md records a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -19,3 +20,5 @@ step "llama.cpp"
 "$PY" gpu-server/server/benches/llamacpp_bench.py "$MODEL"
 step "kvmesh-gpu-server engine"
 "$BIN" --model "$MODEL"
+step "kvmesh-gpu-server engine, Q4_1 on candle's matmul (the path before kvmesh's kernel)"
+"$BIN" --model "$MODEL" --candle-q4-1

@@ -1,5 +1,6 @@
 //! Loading a GGUF file: the config and tokenizer from its metadata, the weights as candle
-//! `QMatMul`s (quantized types stay quantized; F16/F32 become float tensors).
+//! `QMatMul`s (quantized types stay quantized; F16/F32 become float tensors), Q4_1 on kvmesh's
+//! AVX2 kernel where the CPU has one.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -8,10 +9,11 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 
 use crate::config::{Arch, ModelConfig};
-use crate::llama::{Layer, Linear, Model, f32_tensor};
+use crate::llama::{Layer, Linear, Model, Weight, f32_tensor};
+use crate::q4_1::Q41Matrix;
 use crate::template::ChatTemplate;
 use crate::tokenizer::{PreTokenizer, Tokenizer};
 use crate::{LoadOptions, Loaded, ModelError, Result};
@@ -62,30 +64,19 @@ impl Meta<'_> {
     }
 }
 
-/// Whether `t` is of a quantized type whose matmul candle runs as scalar code on x86 (Q4_1,
-/// Q5_0, Q5_1 have no SIMD dot product there; Q4_0, Q8_0 and the k-quants have AVX2 ones).
-fn needs_repack(t: &QTensor) -> bool {
-    cfg!(target_arch = "x86_64")
-        && matches!(
-            t.dtype(),
-            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-        )
-        && t.shape().dims().last().is_some_and(|k| k % 32 == 0)
-}
-
-/// Requantizes, once at load, a weight of a type without a SIMD kernel to Q8_0, which has one:
-/// what llama.cpp calls repacking. Q8_0 keeps 8 bits per weight against the source's 4 or 5,
-/// so the values of the file survive to within about 1/250 of each block's largest weight.
-fn repack(t: QTensor) -> Result<QTensor> {
-    if !needs_repack(&t) {
-        return Ok(t);
+/// The matmul for a GGUF weight: kvmesh's AVX2 kernel for Q4_1 where this CPU has AVX2 and FMA
+/// and `opts.fast_q4_1` allows it (candle's Q4_1 matmul is scalar code on x86), candle's
+/// otherwise.
+fn weight(t: Arc<QTensor>, opts: LoadOptions) -> Result<Weight> {
+    if opts.fast_q4_1
+        && let Some(m) = Q41Matrix::from_qtensor(&t)?
+    {
+        return Ok(Weight::Q41(m));
     }
-    let w = t.dequantize(&Device::Cpu)?;
-    Ok(QTensor::quantize(&w, GgmlDType::Q8_0)?)
+    Ok(Weight::Candle(QMatMul::from_arc(t)?))
 }
 
 pub(crate) fn load(path: &Path, opts: LoadOptions) -> Result<Loaded> {
-    let repack = |t: QTensor| if opts.repack { repack(t) } else { Ok(t) };
     let mut file = File::open(path)?;
     let content = Content::read(&mut file)?;
     let meta = Meta(&content.metadata);
@@ -114,7 +105,7 @@ pub(crate) fn load(path: &Path, opts: LoadOptions) -> Result<Loaded> {
     for i in 0..cfg.layers {
         let p = format!("blk.{i}");
         let mut lin = |name: &str| -> Result<Linear> {
-            let w = QMatMul::from_qtensor(repack(qt(&format!("{p}.{name}.weight"))?)?)?;
+            let w = weight(Arc::new(qt(&format!("{p}.{name}.weight"))?), opts)?;
             let bias = format!("{p}.{name}.bias");
             let b = if has(&bias) {
                 Some(f32_tensor(qt(&bias)?.dequantize(&dev)?)?)
@@ -146,12 +137,9 @@ pub(crate) fn load(path: &Path, opts: LoadOptions) -> Result<Loaded> {
     }
     let norm = f32_tensor(qt("output_norm.weight")?.dequantize(&dev)?)?;
     let lm_head = if has("output.weight") {
-        QMatMul::from_qtensor(repack(qt("output.weight")?)?)?
-    } else if opts.repack && needs_repack(&embed_q) {
-        // Tied output projection: requantize from the embedding already in f32.
-        QMatMul::from_qtensor(QTensor::quantize(&embed, GgmlDType::Q8_0)?)?
+        weight(Arc::new(qt("output.weight")?), opts)?
     } else {
-        QMatMul::from_arc(embed_q)?
+        weight(embed_q, opts)?
     };
     let model = Model::new(
         cfg,

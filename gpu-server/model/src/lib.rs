@@ -11,6 +11,7 @@ mod config;
 mod gguf;
 mod llama;
 mod pool;
+mod q4_1;
 mod safetensors;
 mod template;
 pub mod tiny;
@@ -56,14 +57,14 @@ pub struct Loaded {
 /// How weights are prepared at load.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
-    /// Requantize GGUF weights of types that have no SIMD matmul kernel here (Q4_1, Q5_0,
-    /// Q5_1 on x86-64) to Q8_0, which has one. On by default; off keeps the file's types.
-    pub repack: bool,
+    /// Run Q4_1 weights with kvmesh's AVX2 kernel where the CPU has AVX2 and FMA (candle's
+    /// Q4_1 matmul is scalar code on x86-64). On by default; off leaves every weight to candle.
+    pub fast_q4_1: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { repack: true }
+        Self { fast_q4_1: true }
     }
 }
 

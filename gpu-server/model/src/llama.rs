@@ -7,12 +7,42 @@ use candle_nn::rotary_emb::{rope, rope_i};
 
 use crate::config::ModelConfig;
 use crate::pool::KvPool;
+use crate::q4_1::Q41Matrix;
 use crate::{ModelError, Result};
 
-/// A projection: quantized or float weight `(out, in)` and an optional bias.
+/// The weight `(out, in)` of a projection.
+#[derive(Debug)]
+pub(crate) enum Weight {
+    /// candle's quantized or float matmul.
+    Candle(QMatMul),
+    /// Q4_1 with kvmesh's AVX2 kernel (candle's is scalar on x86).
+    Q41(Q41Matrix),
+}
+
+impl Weight {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(w) => Ok(w.forward(x)?),
+            Self::Q41(w) => {
+                let (n, k) = w.dims();
+                let m = x.dim(0)?;
+                let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                if xs.len() != m * k {
+                    return Err(ModelError::Forward(format!(
+                        "input of {} values for a ({n}, {k}) weight",
+                        xs.len()
+                    )));
+                }
+                Ok(Tensor::from_vec(w.matmul(&xs, m), (m, n), x.device())?)
+            }
+        }
+    }
+}
+
+/// A projection: weight `(out, in)` and an optional bias.
 #[derive(Debug)]
 pub(crate) struct Linear {
-    pub(crate) w: QMatMul,
+    pub(crate) w: Weight,
     pub(crate) b: Option<Tensor>,
 }
 

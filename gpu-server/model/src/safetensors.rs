@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::config::{Arch, ModelConfig};
-use crate::llama::{Layer, Linear, Model, f32_tensor};
+use crate::llama::{Layer, Linear, Model, Weight, f32_tensor};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{PreTokenizer, Tokenizer};
 use crate::{Loaded, ModelError, Result};
@@ -137,7 +137,7 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded> {
                 None
             };
             Ok(Linear {
-                w: QMatMul::Tensor(wt),
+                w: Weight::Candle(QMatMul::Tensor(wt)),
                 b,
             })
         };
@@ -177,7 +177,7 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded> {
         layers,
         norm,
         Linear {
-            w: QMatMul::Tensor(head),
+            w: Weight::Candle(QMatMul::Tensor(head)),
             b: None,
         },
     )?;
