@@ -76,7 +76,7 @@ impl Q41Matrix {
         if !Self::supported()
             || t.dtype() != GgmlDType::Q4_1
             || dims.len() != 2
-            || dims[1] % QK != 0
+            || !dims[1].is_multiple_of(QK)
         {
             return Ok(None);
         }
