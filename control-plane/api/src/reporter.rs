@@ -21,7 +21,10 @@ use tonic::transport::Endpoint;
 
 use crate::grpc::replica_state_client::ReplicaStateClient;
 
-/// Reconnect delays: exponential from `min` to `max`.
+/// Reconnect delays: exponential from `min` to `max`. The control plane's `warmup_ms` after a
+/// restart must exceed `max` (plus a registration), or it publishes a pool before its replicas
+/// are back and Envoy loses them for a moment: the default cap of 1 s sits under the default
+/// warm-up of 2 s.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub min: Duration,
@@ -32,7 +35,7 @@ impl Default for Backoff {
     fn default() -> Self {
         Self {
             min: Duration::from_millis(50),
-            max: Duration::from_secs(2),
+            max: Duration::from_secs(1),
         }
     }
 }

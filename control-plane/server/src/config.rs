@@ -42,6 +42,7 @@ pub struct Config {
     pub replica_silence_ms: u64,
     /// After start, replicas get this long to re-register before the first
     /// EDS and state snapshots are served (so a restart never serves less).
+    /// Must exceed the replicas' reconnect backoff cap (1 s in the reporter).
     #[serde(default = "default_warmup_ms")]
     pub warmup_ms: u64,
     /// Live state is published at most this often.

@@ -80,7 +80,9 @@ impl StackConfig {
             bin_dir: profile_dir(),
             plugins_dir: root.join("target/plugins"),
             logs: logs.into(),
-            warmup_ms: 1000,
+            // Above the replicas' 1 s reconnect backoff cap (a restart must not publish a
+            // pool before they are back).
+            warmup_ms: 2000,
             replica_silence_ms: 3000,
             ready_timeout: Duration::from_secs(180),
         }
