@@ -18,6 +18,10 @@ pub const DEFAULT_MAX_FALLBACKS: u32 = 2;
 /// One pool: its configuration and its ready members (`ip:port`, sorted).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pool {
+    /// Namespace of the endpoint resource.
+    pub namespace: String,
+    /// Name of the endpoint resource.
+    pub name: String,
     /// What the filters need to know about the pool.
     pub config: PoolConfig,
     /// Ready replica addresses.
@@ -57,12 +61,18 @@ impl PoolSource {
     }
 }
 
+/// The pool name of an endpoint resource: `<namespace>.<name>`. Unambiguous (a namespace
+/// has no '.'), and free of '/', which the control plane's resource names use as separator.
+pub fn pool_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}")
+}
+
 /// The pool config of one endpoint; `None` for a spec that does not check.
 pub fn pool_config(src: &PoolSource) -> Option<PoolConfig> {
     let ep = Endpoint::check(&src.spec).ok()?;
     let routing = ep.spec.intelligent_routing_spec.as_ref();
     Some(PoolConfig {
-        name: format!("{}/{}", src.namespace, src.name),
+        name: pool_name(&src.namespace, &src.name),
         model: ep.spec.model_name.clone(),
         chunk_bytes: routing
             .and_then(|r| r.chunk_bytes)
@@ -119,6 +129,8 @@ pub fn pools(sources: &[PoolSource], slices: &[EndpointSlice]) -> Vec<Pool> {
                 }
             }
             Some(Pool {
+                namespace: src.namespace.clone(),
+                name: src.name.clone(),
                 config,
                 endpoints: members.into_iter().collect(),
             })

@@ -426,10 +426,10 @@ fn gateway_bootstrap_passes_envoy_validation() {
     );
 }
 
-/// The control plane's config is what its parser takes: known keys only, at least one pool,
-/// and the gateway's port among the pool listeners.
+/// The control plane's config is what its parser takes: known keys only, pools from the
+/// cluster on the gateway's port, and a module for every strategy a resource may name.
 #[test]
-fn control_plane_config_has_pools_on_the_gateway_port() {
+fn control_plane_config_serves_kubernetes_pools_on_the_gateway_port() {
     let objs = render("kvmesh-system");
     let cm = of_kind(&objs, "ConfigMap")
         .into_iter()
@@ -437,40 +437,45 @@ fn control_plane_config_has_pools_on_the_gateway_port() {
         .unwrap();
     let cfg: Value =
         serde_yaml_ng::from_str(cm["data"]["control-plane.yaml"].as_str().unwrap()).unwrap();
-    let keys: Vec<&str> = cfg
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
-    for k in &keys {
+    for k in cfg.as_object().unwrap().keys() {
         assert!(
             [
                 "grpc",
                 "admin",
                 "replica_silence_ms",
                 "module_store",
-                "pools"
+                "pools",
+                "kubernetes"
             ]
-            .contains(k),
+            .contains(&k.as_str()),
             "unknown key {k}"
         );
     }
-    let pools = cfg["pools"].as_array().unwrap();
-    assert!(
-        !pools.is_empty(),
-        "the control plane refuses an empty pool list"
-    );
+    assert!(cfg["pools"].as_array().unwrap().is_empty());
     let gw = of_kind(&objs, "Service")
         .into_iter()
         .find(|s| s["metadata"]["name"] == "kvmesh-gateway")
         .unwrap();
     let port = gw["spec"]["ports"][0]["port"].as_i64().unwrap();
-    assert!(pools.iter().any(|p| {
-        p["listener"]
-            .as_str()
-            .unwrap()
-            .ends_with(&format!(":{port}"))
-    }));
+    let k = &cfg["kubernetes"];
+    assert_eq!(k["listener"], format!("0.0.0.0:{port}"));
+    assert!(k["max_body_bytes"].as_u64().unwrap() > 0);
+    // The strategy names the CRD's routingStrategy values map to, each with a module the
+    // control plane's init container copies from the plugins image.
+    for strategy in ["prefix-aware", "kv-aware", "round-robin"] {
+        assert_eq!(
+            k["strategies"][strategy],
+            format!("/var/lib/kvmesh/plugins/{strategy}.wasm")
+        );
+    }
+    let deployment = of_kind(&objs, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "kvmesh-control-plane")
+        .unwrap();
+    let init = &deployment["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(
+        init["volumeMounts"][0]["mountPath"],
+        "/var/lib/kvmesh/plugins"
+    );
     assert_eq!(cfg["grpc"], "0.0.0.0:18000");
 }

@@ -55,7 +55,7 @@ fn strategies_map_to_sdk_names_with_defaults() {
     let got = pools(&sources, &[]);
     let by = |n: &str| {
         got.iter()
-            .find(|p| p.config.name == format!("a/{n}"))
+            .find(|p| p.config.name == format!("a.{n}"))
             .unwrap()
             .config
             .clone()
@@ -128,7 +128,7 @@ fn members_are_the_ready_addresses_of_the_endpoints_own_slices() {
         slice("a", "m", "metrics", json!([{"addresses": ["10.8.0.1"]}])),
     ];
     let got = pools(&sources, &slices);
-    assert_eq!(got[0].config.name, "a/m");
+    assert_eq!(got[0].config.name, "a.m");
     assert_eq!(
         got[0].endpoints,
         ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.1.9:8000"]
@@ -170,8 +170,8 @@ fn sources_come_from_either_kind() {
     assert_eq!(
         summary,
         [
-            ("demo/smollm2-catalog", "SmolLM2-135M-Instruct", "kv-aware"),
-            ("inference/llama-8b", "Llama-3.1-8B-Instruct", "kv-aware"),
+            ("demo.smollm2-catalog", "SmolLM2-135M-Instruct", "kv-aware"),
+            ("inference.llama-8b", "Llama-3.1-8B-Instruct", "kv-aware"),
         ]
     );
     assert!(

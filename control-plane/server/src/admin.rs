@@ -150,6 +150,12 @@ struct PoolView {
     name: String,
     model: String,
     listener: String,
+    /// Pools from Kubernetes: the path prefix on the shared gateway listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path_prefix: Option<String>,
+    /// Pools from Kubernetes: ready endpoints listed by their EndpointSlices.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    discovered: Vec<String>,
     chunk_bytes: u32,
     strategy: Option<StrategyView>,
     rollback_depth: usize,
@@ -169,10 +175,8 @@ struct StrategyView {
 async fn pools(State(s): State<AdminState>) -> Json<Vec<PoolView>> {
     let strategies = s.app.strategies.lock().await;
     let registry = s.app.registry.lock().await;
-    let views = s
-        .app
-        .config
-        .pools
+    let pools = registry.pools();
+    let views = pools
         .iter()
         .map(|p| {
             let filter_status = s
@@ -193,6 +197,12 @@ async fn pools(State(s): State<AdminState>) -> Json<Vec<PoolView>> {
                 name: p.name.clone(),
                 model: p.model.clone(),
                 listener: p.listener.to_string(),
+                path_prefix: p.gateway.as_ref().map(|g| g.path_prefix.clone()),
+                discovered: p
+                    .gateway
+                    .as_ref()
+                    .map(|g| g.discovered.iter().map(|a| a.to_string()).collect())
+                    .unwrap_or_default(),
                 chunk_bytes: p.chunk_bytes,
                 strategy: strategies.current(&p.name).map(|a| StrategyView {
                     name: a.spec.name.clone(),

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
-use crate::config::{Config, PoolSpec, StrategySpec};
+use crate::config::{Config, PoolSpec, StrategySpec, check_pools};
 use crate::envoy;
 use crate::metrics::{KindLabel, Metrics, OutcomeLabel, ReplicaLabel};
 use crate::registry::{Applied, Registry};
@@ -48,6 +48,7 @@ pub struct App {
 struct PublishState {
     registry_generation: u64,
     strategy_generation: u64,
+    pools_generation: u64,
     warm: bool,
     /// Static resources (LDS/RDS/CDS/ECDS), rebuilt when strategies change.
     statics: BTreeMap<&'static str, Arc<TypeResources>>,
@@ -104,6 +105,45 @@ pub fn filter_configuration(pool: &PoolSpec, active: &Active) -> String {
 }
 
 impl App {
+    /// The pool named `name` among those served now.
+    async fn pool(&self, name: &str) -> Result<PoolSpec, ChangeError> {
+        self.registry
+            .lock()
+            .await
+            .pool(name)
+            .cloned()
+            .ok_or_else(|| ChangeError::UnknownPool(name.into()))
+    }
+
+    /// Serves `dynamic` (the pools from Kubernetes) beside the file's pools, replacing the
+    /// previous set: a pool's listener route, cluster, endpoints and routing filter appear,
+    /// change or go, and its strategy follows its resource. Pools that break a rule of
+    /// [`check_pools`] together with the others are left out, each with a warning (two
+    /// resources naming one model: the first by name wins). Returns the names left out.
+    pub async fn set_dynamic_pools(&self, dynamic: Vec<PoolSpec>) -> Vec<String> {
+        let _one_at_a_time = self.change.lock().await;
+        let mut served = self.config.pools.clone();
+        let mut left_out = Vec::new();
+        for pool in dynamic {
+            served.push(pool);
+            if let Err(why) = check_pools(&served) {
+                let pool = served.pop().expect("just pushed");
+                tracing::warn!(pool = %pool.name, %why, "pool from Kubernetes not served");
+                left_out.push(pool.name);
+            }
+        }
+        let statics = &self.config.pools;
+        let dynamic = &served[statics.len()..];
+        self.strategies
+            .lock()
+            .await
+            .sync_dynamic(dynamic, |name| statics.iter().any(|p| p.name == name))
+            .await;
+        self.registry.lock().await.set_pools(Arc::new(served));
+        self.publish(true).await;
+        left_out
+    }
+
     pub async fn new(config: Arc<Config>) -> Result<Arc<Self>, StrategyError> {
         let strategies = Strategies::open(&config.module_store, &config.pools).await?;
         Ok(Arc::new(Self {
@@ -129,15 +169,24 @@ impl App {
         p.get_or_insert_with(Instant::now);
     }
 
-    fn statics(&self, strategies: &Strategies) -> BTreeMap<&'static str, Arc<TypeResources>> {
+    fn statics(
+        &self,
+        strategies: &Strategies,
+        pools: &[PoolSpec],
+    ) -> BTreeMap<&'static str, Arc<TypeResources>> {
         let mut listeners = Vec::new();
         let mut routes = Vec::new();
         let mut clusters = Vec::new();
         let mut filters = Vec::new();
-        for pool in &self.config.pools {
+        let mut gateway = Vec::new();
+        for pool in pools {
             let active = strategies.current(&pool.name);
-            listeners.push(envoy::listener(pool, active.is_some()));
-            routes.push(envoy::route(pool));
+            if pool.gateway.is_some() {
+                gateway.push((pool, active.is_some()));
+            } else {
+                listeners.push(envoy::listener(pool, active.is_some()));
+                routes.push(envoy::route(pool));
+            }
             clusters.push(envoy::cluster(pool));
             if let Some(a) = active {
                 filters.push(envoy::routing_filter(
@@ -146,6 +195,12 @@ impl App {
                     &filter_configuration(pool, a),
                 ));
             }
+        }
+        // The gateway of the pools from Kubernetes is served even with none of them yet:
+        // its port answers 404 rather than refusing connections.
+        if let Some(k) = &self.config.kubernetes {
+            listeners.push(envoy::gateway_listener(k, &gateway));
+            routes.push(envoy::gateway_route(&gateway));
         }
         BTreeMap::from([
             (type_url::LISTENER, Arc::new(TypeResources::new(listeners))),
@@ -179,9 +234,14 @@ impl App {
         if !changed {
             return;
         }
-        if !p.warm || p.strategy_generation != strategies.generation {
-            p.statics = self.statics(&strategies);
+        let served = registry.pools();
+        if !p.warm
+            || p.strategy_generation != strategies.generation
+            || p.pools_generation != registry.pools_generation
+        {
+            p.statics = self.statics(&strategies, &served);
             p.strategy_generation = strategies.generation;
+            p.pools_generation = registry.pools_generation;
         }
         drop(strategies);
         p.warm = true;
@@ -194,9 +254,14 @@ impl App {
         let mut eds = Vec::new();
         let mut pools = Vec::new();
         self.metrics.replicas.clear();
-        for pool in &self.config.pools {
+        for pool in served.iter() {
             let members = registry.members(&pool.name);
+            // Registered replicas, and for a pool from Kubernetes its ready endpoints too
+            // (a worker that never registers, such as another engine's, still serves).
             let mut addrs: Vec<SocketAddr> = members.iter().map(|r| r.address).collect();
+            if let Some(g) = &pool.gateway {
+                addrs.extend(&g.discovered);
+            }
             addrs.sort();
             addrs.dedup();
             eds.push(envoy::endpoints(&pool.name, &addrs));
@@ -349,11 +414,7 @@ impl App {
         pool: &str,
         spec: StrategySpec,
     ) -> Result<PushReport, ChangeError> {
-        let pool = self
-            .config
-            .pool(pool)
-            .ok_or_else(|| ChangeError::UnknownPool(pool.into()))?
-            .clone();
+        let pool = self.pool(pool).await?;
         let _one_at_a_time = self.change.lock().await;
         let prepared = self.strategies.lock().await.prepare(&spec).await?;
         let previous = self
@@ -379,11 +440,7 @@ impl App {
 
     /// Goes back to the pool's previous strategy, with the same ACK/NACK report.
     pub async fn rollback(&self, pool: &str) -> Result<PushReport, ChangeError> {
-        let pool = self
-            .config
-            .pool(pool)
-            .ok_or_else(|| ChangeError::UnknownPool(pool.into()))?
-            .clone();
+        let pool = self.pool(pool).await?;
         let _one_at_a_time = self.change.lock().await;
         let (from, to) = self.strategies.lock().await.rollback(&pool.name).await?;
         self.publish(true).await;

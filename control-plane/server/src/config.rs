@@ -57,11 +57,45 @@ pub struct Config {
     /// How long a strategy change waits for Envoy's ACK/NACK.
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
+    /// Pools of this file (static). May be empty when `kubernetes` is set.
+    #[serde(default)]
     pub pools: Vec<PoolSpec>,
+    /// Pools from the cluster's `InferenceEndpointConfig` and `CatalogModel` resources, their
+    /// members from the EndpointSlices of the Services the controller made for them.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSource>,
+}
+
+/// Where and how pools from Kubernetes are served: every such pool shares one Envoy listener
+/// and is reached under the path prefix `/<namespace>/<name>` (so an OpenAI client's base URL
+/// is `http://<gateway>/<namespace>/<name>/v1`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSource {
+    /// The gateway listener shared by the pools from Kubernetes.
+    pub listener: SocketAddr,
+    /// Watch one namespace only (all by default).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Strategy name (as the resources name them: `prefix-aware`, `kv-aware`, `round-robin`)
+    /// to its wasm module (path relative to the config file, or `http://` URL). A resource
+    /// whose strategy has no module here is served without a routing filter (Envoy's
+    /// least-request balancing), with a warning.
+    #[serde(default)]
+    pub strategies: std::collections::BTreeMap<String, String>,
+    /// Request body limit of these pools (Envoy answers 413 above it).
+    #[serde(default = "default_body_limit")]
+    pub max_body_bytes: u32,
+    /// Upstream request timeout of these pools.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Changes seen within this long are applied together.
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
 }
 
 /// One model pool: an Envoy listener, route and cluster, with its routing strategy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
     pub name: String,
@@ -83,6 +117,20 @@ pub struct PoolSpec {
     /// the routing filter to answer `GET /kvmesh/state/<pool>` (tests, benchmarks).
     #[serde(default)]
     pub probe_module: Option<String>,
+    /// Set for pools from Kubernetes only (never in the file): the path prefix that selects
+    /// this pool on the shared gateway listener, and the ready endpoints Kubernetes lists for
+    /// it (served even before, or without, their replica registering over `kvmesh.v1`).
+    #[serde(skip)]
+    pub gateway: Option<GatewayRoute>,
+}
+
+/// How a pool from Kubernetes is reached and who serves it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GatewayRoute {
+    /// `/<namespace>/<name>`.
+    pub path_prefix: String,
+    /// Ready endpoints from the EndpointSlices.
+    pub discovered: Vec<SocketAddr>,
 }
 
 /// A routing strategy: a wasm module (path or http URL), optionally pinned
@@ -125,6 +173,9 @@ fn default_store() -> PathBuf {
 fn default_ack_timeout_ms() -> u64 {
     10_000
 }
+fn default_debounce_ms() -> u64 {
+    200
+}
 fn default_chunk_bytes() -> u32 {
     256
 }
@@ -147,13 +198,18 @@ impl Config {
                 source,
             })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for pool in &mut config.pools {
-            if let Some(s) = &mut pool.strategy
-                && !s.module.starts_with("http://")
-                && Path::new(&s.module).is_relative()
-            {
-                s.module = base.join(&s.module).to_string_lossy().into_owned();
+        let resolve = |module: &mut String| {
+            if !module.starts_with("http://") && Path::new(module.as_str()).is_relative() {
+                *module = base.join(module.as_str()).to_string_lossy().into_owned();
             }
+        };
+        for pool in &mut config.pools {
+            if let Some(s) = &mut pool.strategy {
+                resolve(&mut s.module);
+            }
+        }
+        if let Some(k) = &mut config.kubernetes {
+            k.strategies.values_mut().for_each(resolve);
         }
         config.validate()?;
         Ok(config)
@@ -161,31 +217,17 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.pools.is_empty() {
-            return bad("no pools".into());
+        if self.pools.is_empty() && self.kubernetes.is_none() {
+            return bad("no pools, and no kubernetes source".into());
         }
-        let mut names = std::collections::HashSet::new();
-        let mut models = std::collections::HashSet::new();
-        for p in &self.pools {
-            if p.name.is_empty() || p.name.contains('/') {
-                return bad(format!(
-                    "pool name {:?} must be non-empty and have no '/'",
-                    p.name
-                ));
-            }
-            if !names.insert(&p.name) {
-                return bad(format!("pool {} defined twice", p.name));
-            }
-            if !models.insert(&p.model) {
-                return bad(format!("model {} served by two pools", p.model));
-            }
-            if p.chunk_bytes == 0 {
-                return bad(format!("pool {}: chunk_bytes must be > 0", p.name));
-            }
-            if let Some(s) = &p.strategy {
-                s.check()
-                    .map_err(|m| ConfigError::Invalid(format!("pool {}: {m}", p.name)))?;
-            }
+        check_pools(&self.pools).map_err(ConfigError::Invalid)?;
+        if let Some(k) = &self.kubernetes
+            && let Some(p) = self.pools.iter().find(|p| p.listener == k.listener)
+        {
+            return bad(format!(
+                "pool {} listens on {}, the kubernetes gateway listener",
+                p.name, p.listener
+            ));
         }
         if self.residency_shards == 0 {
             return bad("residency_shards must be > 0".into());
@@ -196,14 +238,35 @@ impl Config {
     pub fn silence(&self) -> Duration {
         Duration::from_millis(self.replica_silence_ms)
     }
+}
 
-    pub fn pool(&self, name: &str) -> Option<&PoolSpec> {
-        self.pools.iter().find(|p| p.name == name)
+/// The rules every set of pools served together keeps (the file's alone, and the file's with
+/// those from Kubernetes): names non-empty, unique and without '/' (resource names are
+/// `<pool>/<replica>/<shard>`), one pool per model (replicas join a pool by model).
+pub fn check_pools(pools: &[PoolSpec]) -> Result<(), String> {
+    let mut names = std::collections::HashSet::new();
+    let mut models = std::collections::HashSet::new();
+    for p in pools {
+        if p.name.is_empty() || p.name.contains('/') {
+            return Err(format!(
+                "pool name {:?} must be non-empty and have no '/'",
+                p.name
+            ));
+        }
+        if !names.insert(&p.name) {
+            return Err(format!("pool {} defined twice", p.name));
+        }
+        if !models.insert(&p.model) {
+            return Err(format!("model {} served by two pools", p.model));
+        }
+        if p.chunk_bytes == 0 {
+            return Err(format!("pool {}: chunk_bytes must be > 0", p.name));
+        }
+        if let Some(s) = &p.strategy {
+            s.check().map_err(|m| format!("pool {}: {m}", p.name))?;
+        }
     }
-
-    pub fn pool_for_model(&self, model: &str) -> Option<&PoolSpec> {
-        self.pools.iter().find(|p| p.model == model)
-    }
+    Ok(())
 }
 
 impl StrategySpec {

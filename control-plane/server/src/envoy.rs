@@ -22,8 +22,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
-    route_action, route_match,
+    FilterConfig, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    route, route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::{
     HeaderMutation as HeaderMutationFilter, Mutations,
@@ -44,7 +44,7 @@ use envoy_types::pb::google::protobuf::{
 use kvmesh_control_plane_xds::{Resource, type_url};
 use prost::{Message, Name};
 
-use crate::config::PoolSpec;
+use crate::config::{KubernetesSource, PoolSpec};
 
 /// The header the routing filter writes (Gateway API Inference Extension).
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -108,6 +108,163 @@ pub fn filter_name(pool: &str) -> String {
     format!("kvmesh.routing/{pool}")
 }
 
+/// Name of the listener (and route table) shared by the pools from Kubernetes.
+pub const GATEWAY: &str = "kvmesh/gateway";
+
+/// Drops the client's destination header: clients never pick the replica.
+fn strip_destination() -> HttpFilter {
+    let strip = HeaderMutationFilter {
+        mutations: Some(Mutations {
+            request_mutations: vec![RuleMutation {
+                action: Some(rule_mutation::Action::Remove(DESTINATION_HEADER.into())),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    HttpFilter {
+        name: "envoy.filters.http.header_mutation".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(&strip))),
+        ..Default::default()
+    }
+}
+
+/// A pool's routing filter in a listener: its configuration comes by ECDS. `disabled`: off
+/// unless a route turns it on (the shared gateway, where each route is one pool's).
+fn routing_filter_slot(pool: &str, disabled: bool) -> HttpFilter {
+    HttpFilter {
+        name: filter_name(pool),
+        disabled,
+        config_type: Some(http_filter::ConfigType::ConfigDiscovery(
+            ExtensionConfigSource {
+                config_source: Some(ads()),
+                type_urls: vec![Wasm::type_url()],
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn router() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(
+            any(&Router::default()),
+        )),
+        ..Default::default()
+    }
+}
+
+/// An HTTP listener on `address` whose routes come by RDS as `route_config`.
+fn http_listener(
+    name: &str,
+    stat_prefix: String,
+    address: SocketAddr,
+    buffer_limit: u32,
+    route_config: &str,
+    http_filters: Vec<HttpFilter>,
+) -> Resource {
+    let hcm = HttpConnectionManager {
+        stat_prefix,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_config.to_owned(),
+        })),
+        http_filters,
+        ..Default::default()
+    };
+    let l = Listener {
+        name: name.to_owned(),
+        address: Some(socket(address)),
+        per_connection_buffer_limit_bytes: Some(UInt32Value {
+            value: buffer_limit,
+        }),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::from_message(l.name.clone(), type_url::LISTENER, &l)
+}
+
+/// The listener shared by the pools from Kubernetes: every pool's routing filter is in its
+/// chain, off by default; the route of a pool (its path prefix) turns its own one on.
+pub fn gateway_listener(k: &KubernetesSource, pools: &[(&PoolSpec, bool)]) -> Resource {
+    let mut http_filters = vec![strip_destination()];
+    for (pool, with_filter) in pools {
+        if *with_filter {
+            http_filters.push(routing_filter_slot(&pool.name, true));
+        }
+    }
+    http_filters.push(router());
+    let limit = pools
+        .iter()
+        .map(|(p, _)| buffer_limit(p))
+        .max()
+        .unwrap_or(k.max_body_bytes.saturating_mul(2));
+    http_listener(
+        GATEWAY,
+        "kvmesh_gateway".into(),
+        k.listener,
+        limit,
+        GATEWAY,
+        http_filters,
+    )
+}
+
+/// The gateway's routes: `/<namespace>/<name>/...` goes to that pool's cluster with the
+/// prefix removed (the model server sees `/v1/...`) and that pool's routing filter on.
+pub fn gateway_route(pools: &[(&PoolSpec, bool)]) -> Resource {
+    let routes = pools
+        .iter()
+        .filter_map(|(pool, with_filter)| {
+            let prefix = &pool.gateway.as_ref()?.path_prefix;
+            let mut action = route_action(pool);
+            action.prefix_rewrite = "/".into();
+            let mut per_filter = std::collections::HashMap::new();
+            if *with_filter {
+                // `config` present but an empty Any: Envoy's way to turn a filter that is
+                // disabled by default on for this route (no `config` at all is refused).
+                let on = FilterConfig {
+                    config: Some(Any::default()),
+                    disabled: false,
+                    ..Default::default()
+                };
+                per_filter.insert(filter_name(&pool.name), any(&on));
+            }
+            Some(Route {
+                name: pool.name.clone(),
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix(format!(
+                        "{}/",
+                        prefix.trim_end_matches('/')
+                    ))),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(action)),
+                typed_per_filter_config: per_filter,
+                ..Default::default()
+            })
+        })
+        .collect();
+    let r = RouteConfiguration {
+        name: GATEWAY.into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "kvmesh-gateway".into(),
+            domains: vec!["*".into()],
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::from_message(r.name.clone(), type_url::ROUTE, &r)
+}
+
 pub fn listener(pool: &PoolSpec, with_filter: bool) -> Resource {
     let mut http_filters = Vec::new();
     if let Some(probe) = &pool.probe_module {
@@ -122,65 +279,37 @@ pub fn listener(pool: &PoolSpec, with_filter: bool) -> Resource {
     }
     // Clients never pick the destination: drop their header before the
     // routing filter (or its absence) decides.
-    let strip = HeaderMutationFilter {
-        mutations: Some(Mutations {
-            request_mutations: vec![RuleMutation {
-                action: Some(rule_mutation::Action::Remove(DESTINATION_HEADER.into())),
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    http_filters.push(HttpFilter {
-        name: "envoy.filters.http.header_mutation".into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(any(&strip))),
-        ..Default::default()
-    });
+    http_filters.push(strip_destination());
     if with_filter {
-        http_filters.push(HttpFilter {
-            name: filter_name(&pool.name),
-            config_type: Some(http_filter::ConfigType::ConfigDiscovery(
-                ExtensionConfigSource {
-                    config_source: Some(ads()),
-                    type_urls: vec![Wasm::type_url()],
-                    ..Default::default()
-                },
-            )),
-            ..Default::default()
-        });
+        http_filters.push(routing_filter_slot(&pool.name, false));
     }
-    http_filters.push(HttpFilter {
-        name: "envoy.filters.http.router".into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(
-            any(&Router::default()),
-        )),
-        ..Default::default()
-    });
-    let hcm = HttpConnectionManager {
-        stat_prefix: format!("kvmesh_{}", pool.name),
-        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
-            config_source: Some(ads()),
-            route_config_name: route_name(&pool.name),
-        })),
+    http_filters.push(router());
+    http_listener(
+        &listener_name(&pool.name),
+        format!("kvmesh_{}", pool.name),
+        pool.listener,
+        buffer_limit(pool),
+        &route_name(&pool.name),
         http_filters,
-        ..Default::default()
-    };
-    let l = Listener {
-        name: listener_name(&pool.name),
-        address: Some(socket(pool.listener)),
-        per_connection_buffer_limit_bytes: Some(UInt32Value {
-            value: buffer_limit(pool),
-        }),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
-            }],
+    )
+}
+
+/// Where a pool's requests go: its cluster, its timeout, retries that walk to the next
+/// host the filter listed.
+fn route_action(pool: &PoolSpec) -> RouteAction {
+    RouteAction {
+        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster_name(
+            &pool.name,
+        ))),
+        timeout: Some(duration(Duration::from_millis(pool.timeout_ms))),
+        retry_policy: Some(RetryPolicy {
+            retry_on: "connect-failure,refused-stream,reset,retriable-status-codes".into(),
+            retriable_status_codes: vec![503],
+            num_retries: Some(UInt32Value { value: 2 }),
             ..Default::default()
-        }],
+        }),
         ..Default::default()
-    };
-    Resource::from_message(l.name.clone(), type_url::LISTENER, &l)
+    }
 }
 
 pub fn route(pool: &PoolSpec) -> Resource {
@@ -194,21 +323,7 @@ pub fn route(pool: &PoolSpec) -> Resource {
                     path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
                     ..Default::default()
                 }),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster_name(
-                        &pool.name,
-                    ))),
-                    timeout: Some(duration(Duration::from_millis(pool.timeout_ms))),
-                    // A retry walks to the next host the filter listed.
-                    retry_policy: Some(RetryPolicy {
-                        retry_on: "connect-failure,refused-stream,reset,retriable-status-codes"
-                            .into(),
-                        retriable_status_codes: vec![503],
-                        num_retries: Some(UInt32Value { value: 2 }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })),
+                action: Some(route::Action::Route(route_action(pool))),
                 ..Default::default()
             }],
             ..Default::default()

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod envoy;
+pub mod kube_pools;
 pub mod metrics;
 pub mod registry;
 pub mod report_stream;
@@ -31,10 +32,34 @@ pub struct Bound {
 }
 
 /// Binds the gRPC and admin listeners, then serves until the process ends.
-/// `on_bound` runs once both listeners are bound.
+/// `on_bound` runs once both listeners are bound. With a `kubernetes` source in the config,
+/// the cluster is found as kubectl would (in-cluster service account, or `KUBECONFIG`).
 pub async fn serve(config: Config, on_bound: impl FnOnce(Bound)) -> anyhow::Result<()> {
+    let kube = match &config.kubernetes {
+        Some(_) => Some(kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!(
+                "the config has a kubernetes source but no cluster was found \
+                 (in-cluster service account or KUBECONFIG): {e}"
+            )
+        })?),
+        None => None,
+    };
+    serve_with(config, kube, |bound, _| on_bound(bound)).await
+}
+
+/// As [`serve`], with the Kubernetes client given (`None`: pools from Kubernetes come only
+/// through [`App::set_dynamic_pools`], as in-process tests feed them), and `on_bound` handed
+/// the running [`App`].
+pub async fn serve_with(
+    config: Config,
+    kube: Option<kube::Client>,
+    on_bound: impl FnOnce(Bound, Arc<App>),
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let app = App::new(config.clone()).await?;
+    if let (Some(client), Some(k)) = (kube, &config.kubernetes) {
+        tokio::spawn(kube_pools::run(app.clone(), client, k.clone()));
+    }
     let grpc = TcpListener::bind(config.grpc).await?;
     let admin = TcpListener::bind(config.admin).await?;
     let bound = Bound {
@@ -60,7 +85,7 @@ pub async fn serve(config: Config, on_bound: impl FnOnce(Bound)) -> anyhow::Resu
         .serve_with_incoming(TcpListenerStream::new(grpc));
     let admin_server = axum::serve(admin, admin::router(app.clone()));
     tokio::spawn(app.clone().run_publisher());
-    on_bound(bound);
+    on_bound(bound, app.clone());
     tokio::select! {
         r = grpc_server => r?,
         r = admin_server => r?,

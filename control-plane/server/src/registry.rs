@@ -17,7 +17,7 @@ use kvmesh_plugins_sdk::proto::{
 };
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, PoolSpec};
 use crate::shard_body::ShardBody;
 
 /// Most chunks one report may carry (a snapshot of a big cache is sent in one
@@ -278,6 +278,10 @@ fn check_load(load: &Load) -> Result<(), Rejection> {
 #[derive(Debug)]
 pub struct Registry {
     config: Arc<Config>,
+    /// The pools served now: the config file's, then those from Kubernetes.
+    pools: Arc<Vec<PoolSpec>>,
+    /// Bumped when the pool set changes (listeners, routes, clusters to rebuild).
+    pub pools_generation: u64,
     replicas: BTreeMap<String, Replica>,
     /// Bumped on every change that affects what is published.
     pub generation: u64,
@@ -292,6 +296,8 @@ pub struct Registry {
 impl Registry {
     pub fn new(config: Arc<Config>) -> Self {
         Self {
+            pools: Arc::new(config.pools.clone()),
+            pools_generation: 1,
             config,
             replicas: BTreeMap::new(),
             generation: 0,
@@ -331,6 +337,48 @@ impl Registry {
         }
     }
 
+    /// The pools served now.
+    pub fn pools(&self) -> Arc<Vec<PoolSpec>> {
+        self.pools.clone()
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&PoolSpec> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    pub fn pool_for_model(&self, model: &str) -> Option<&PoolSpec> {
+        self.pools.iter().find(|p| p.model == model)
+    }
+
+    /// Replaces the pool set (checked by the caller). Each replica moves to the pool now
+    /// serving its model; one whose model no pool serves any more is dropped (its stream is
+    /// told to register again on its next report, and is refused until a pool serves it).
+    pub fn set_pools(&mut self, pools: Arc<Vec<PoolSpec>>) {
+        if *pools == *self.pools {
+            return;
+        }
+        self.pools = pools;
+        self.pools_generation += 1;
+        self.generation += 1;
+        self.members_generation += 1;
+        self.residency_generation += 1;
+        let pools = self.pools.clone();
+        self.replicas.retain(
+            |_, r| match pools.iter().find(|p| p.model == r.register.model) {
+                Some(p) => {
+                    if r.pool != p.name {
+                        r.pool = p.name.clone();
+                        // Residency resources are named by pool: re-encode them all.
+                        r.encoded.iter_mut().for_each(|e| *e = None);
+                        r.dirty_shards.extend(0..r.shards.len() as u32);
+                    }
+                    true
+                }
+                None => false,
+            },
+        );
+    }
+
     fn validate_register(&self, reg: &Register) -> Result<SocketAddr, Rejection> {
         let bad = |m: String| Err(Rejection::BadRegister(m));
         if reg.replica_id.is_empty() || reg.replica_id.contains('/') || reg.replica_id.len() > 256 {
@@ -339,7 +387,7 @@ impl Registry {
                 reg.replica_id
             ));
         }
-        let Some(pool) = self.config.pool_for_model(&reg.model) else {
+        let Some(pool) = self.pool_for_model(&reg.model) else {
             return bad(format!("no pool serves model {:?}", reg.model));
         };
         if reg.chunk_bytes != 0 && reg.chunk_bytes != pool.chunk_bytes {
@@ -372,7 +420,6 @@ impl Registry {
             }
             let address = self.validate_register(&reg)?;
             let pool = self
-                .config
                 .pool_for_model(&reg.model)
                 .map(|p| p.name.clone())
                 .unwrap_or_default();

@@ -56,6 +56,10 @@ pub struct Active {
 struct PoolStrategies {
     current: Option<Active>,
     history: Vec<Active>,
+    /// For a pool from Kubernetes: the strategy its resource asked for when last applied
+    /// (a change there replaces `current`; a change through the admin API lasts until then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<StrategySpec>,
 }
 
 /// Strategies of every pool.
@@ -140,11 +144,21 @@ impl Strategies {
                 (Some(p), _) => p.clone(),
                 (None, Some(spec)) => PoolStrategies {
                     current: Some(s.prepare(spec).await?),
-                    history: vec![],
+                    ..Default::default()
                 },
                 (None, None) => PoolStrategies::default(),
             };
             s.pools.insert(pool.name.clone(), entry);
+        }
+        // Pools from Kubernetes keep what they had (a strategy set through the admin API
+        // included) until their resource says otherwise; `sync_dynamic` drops those gone.
+        for (name, p) in persisted {
+            if p.source.is_some()
+                && !s.pools.contains_key(&name)
+                && p.current.as_ref().is_none_or(|a| a.path.exists())
+            {
+                s.pools.insert(name, p);
+            }
         }
         s.persist().await;
         Ok(s)
@@ -236,6 +250,61 @@ impl Strategies {
             }
             p.current = previous;
             self.generation += 1;
+            self.persist().await;
+        }
+    }
+
+    /// Follows the pools from Kubernetes (`dynamic`; the file's pools are left alone): a new
+    /// pool gets its resource's strategy, a pool whose resource asks for another strategy
+    /// gets it (the old one goes to history), a pool gone is forgotten. A module that cannot
+    /// be fetched leaves that pool on what it had (none for a new pool: Envoy's own
+    /// balancing), with a warning; the next change of that resource tries again.
+    pub async fn sync_dynamic(&mut self, dynamic: &[PoolSpec], is_static: impl Fn(&str) -> bool) {
+        let before = self.generation;
+        let wanted: BTreeMap<&str, &PoolSpec> =
+            dynamic.iter().map(|p| (p.name.as_str(), p)).collect();
+        let gone: Vec<String> = self
+            .pools
+            .keys()
+            .filter(|name| !is_static(name) && !wanted.contains_key(name.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.pools.remove(&name);
+            self.generation += 1;
+        }
+        for (name, pool) in wanted {
+            let entry = self.pools.get(name);
+            if entry.is_some_and(|e| e.source == pool.strategy) {
+                continue;
+            }
+            let active = match &pool.strategy {
+                None => None,
+                Some(spec) => match self.prepare(spec).await {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(pool = name, error = %e, "strategy of the resource not loaded");
+                        // Mark it applied so an unchanged resource is not retried every sync.
+                        let e = self.pools.entry(name.to_owned()).or_default();
+                        e.source = pool.strategy.clone();
+                        continue;
+                    }
+                },
+            };
+            let e = self.pools.entry(name.to_owned()).or_default();
+            e.source = pool.strategy.clone();
+            if e.current != active {
+                if let Some(prev) = e.current.take() {
+                    e.history.push(prev);
+                    if e.history.len() > HISTORY {
+                        e.history.remove(0);
+                    }
+                }
+                e.current = active;
+            }
+            self.generation += 1;
+        }
+        if self.generation != before {
             self.persist().await;
         }
     }

@@ -31,13 +31,18 @@ pub enum Api {
 }
 
 impl Api {
-    /// The API served at `path` (a query string is ignored).
+    /// The API served at `path` (a query string is ignored). A path prefix before `/v1/` is
+    /// allowed: gateways that serve several pools on one listener route by it
+    /// (`/<namespace>/<name>/v1/completions`) and strip it only in the router, after the filter.
     pub fn from_path(path: &str) -> Option<Api> {
         let path = path.split(['?', '#']).next().unwrap_or(path);
-        match path.trim_end_matches('/') {
-            "/v1/completions" => Some(Api::Completions),
-            "/v1/chat/completions" => Some(Api::ChatCompletions),
-            _ => None,
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/v1/chat/completions") {
+            Some(Api::ChatCompletions)
+        } else if path.ends_with("/v1/completions") {
+            Some(Api::Completions)
+        } else {
+            None
         }
     }
 }
@@ -378,6 +383,16 @@ mod tests {
             Some(Api::ChatCompletions)
         );
         assert_eq!(Api::from_path("/v1/models"), None);
+        assert_eq!(
+            Api::from_path("/team-a/llama/v1/chat/completions"),
+            Some(Api::ChatCompletions)
+        );
+        assert_eq!(
+            Api::from_path("/team-a/llama/v1/completions"),
+            Some(Api::Completions)
+        );
+        assert_eq!(Api::from_path("/v1/completionsx"), None);
+        assert_eq!(Api::from_path("/team-a/llama/v1/models"), None);
     }
 
     #[test]
