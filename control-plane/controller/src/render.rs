@@ -48,8 +48,9 @@ pub struct Owner {
 
 impl Owner {
     /// The gateway pool name (`<namespace>/<name>`), also the Envoy cluster name.
+    /// The control plane's name for this endpoint's pool (`<namespace>.<name>`).
     pub fn pool(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        crate::pools::pool_name(&self.namespace, &self.name)
     }
 
     /// Labels selecting this endpoint's pods.

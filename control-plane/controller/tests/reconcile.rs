@@ -301,7 +301,7 @@ async fn apply_uses_server_side_apply_with_owner_references_and_patches_status()
         "kvmesh.io/endpoint=m,kvmesh.io/endpoint-kind=InferenceEndpointConfig"
     );
     assert_eq!(status["observedGeneration"], 3);
-    assert_eq!(status["pool"], "ns/m");
+    assert_eq!(status["pool"], "ns.m");
     assert_eq!(
         status["placement"]["allowedInstanceTypes"],
         json!(["ml.p4d.24xlarge"])

@@ -1,9 +1,11 @@
 //! Turns the engine's token events into text: incremental UTF-8 decoding and stop strings.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvmesh_gpu_server_engine::{Event, FinishReason};
 use kvmesh_gpu_server_model::Tokenizer;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
@@ -25,6 +27,8 @@ pub(crate) struct Generation {
     held: String,
     done: bool,
     end: Option<&'static str>,
+    /// When the request arrived and where its time to first token goes (taken at the first token).
+    ttft: Option<(Instant, Histogram)>,
     pub(crate) prompt_tokens: usize,
     pub(crate) completion_tokens: usize,
     pub(crate) cached_tokens: usize,
@@ -36,6 +40,7 @@ impl Generation {
         tokenizer: Arc<Tokenizer>,
         stops: Vec<String>,
         prompt_tokens: usize,
+        ttft: Option<(Instant, Histogram)>,
     ) -> Self {
         Self {
             rx,
@@ -45,6 +50,7 @@ impl Generation {
             held: String::new(),
             done: false,
             end: None,
+            ttft,
             prompt_tokens,
             completion_tokens: 0,
             cached_tokens: 0,
@@ -67,6 +73,9 @@ impl Generation {
             match ev {
                 Event::Started { cached_tokens } => self.cached_tokens = cached_tokens,
                 Event::Token(t) => {
+                    if let Some((arrived, h)) = self.ttft.take() {
+                        h.observe(arrived.elapsed().as_secs_f64());
+                    }
                     self.completion_tokens += 1;
                     if !self.tokenizer.is_special(t) {
                         self.pending.extend(self.tokenizer.token_bytes(t));

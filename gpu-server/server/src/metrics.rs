@@ -8,6 +8,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type FmtResult = Result<(), std::fmt::Error>;
@@ -23,6 +24,9 @@ pub struct RequestLabels {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    /// Seconds from a request's submission to the engine (parsed and tokenized) to its first
+    /// generated token: queueing, prefill and the first decode step.
+    pub ttft: Histogram,
 }
 
 #[derive(Debug)]
@@ -341,8 +345,19 @@ impl Metrics {
             "HTTP requests by endpoint and status",
             requests.clone(),
         );
+        // 5 ms to about 41 s.
+        let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "kvmesh_time_to_first_token_seconds",
+            "Seconds from a request's submission to the engine to its first generated token",
+            ttft.clone(),
+        );
         registry.register_collector(Box::new(EngineCollector(engine)));
-        Self { registry, requests }
+        Self {
+            registry,
+            requests,
+            ttft,
+        }
     }
 
     pub fn render(&self) -> String {

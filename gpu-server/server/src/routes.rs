@@ -223,6 +223,7 @@ async fn run(
     chunks: Vec<kvmesh_gpu_server_engine::ChunkEnd>,
     chat: bool,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let context = state.engine.context_length();
     let n = prompt.len();
     if n + 1 > context {
@@ -249,7 +250,13 @@ async fn run(
             SubmitError::EmptyPrompt => ApiError::invalid(e.to_string(), Some("prompt")),
             SubmitError::Stopped => ApiError::internal(e.to_string()),
         })?;
-    let generation = Generation::new(rx, state.tokenizer.clone(), gen_.stop.clone(), n);
+    let generation = Generation::new(
+        rx,
+        state.tokenizer.clone(),
+        gen_.stop.clone(),
+        n,
+        Some((arrived, state.metrics.ttft.clone())),
+    );
     let id = request_id(if chat { "chatcmpl" } else { "cmpl" });
     if gen_.stream {
         Ok(stream(state, gen_, generation, id, chat).into_response())
