@@ -232,6 +232,7 @@ impl Engine {
             seq: 0,
             last_load: None,
             stats: Status::default(),
+            copies: Vec::new(),
         };
         // The first status (tiers, disk scan) is there before `start` returns.
         core.publish(true);
@@ -245,6 +246,9 @@ impl Engine {
 }
 
 struct Core {
+    /// `(shared, fresh)` block copies due before this step's forward pass (see
+    /// [`BlockTable::unshare_last`]); `shared` is held until copied.
+    copies: Vec<(u32, u32)>,
     mgr: BlockManager,
     tiers: Tiers,
     /// Resident chunks per tier as of `resident_seq`.
@@ -399,26 +403,42 @@ impl Core {
             // Disk blocks of the prefix are read and verified first, so a promotion can
             // never bring in a bad copy; then the prefix is taken, promoting what the cost
             // model says is faster to fetch than to recompute.
-            let limit = s.tokens.len() - 1;
+            let limit = s.tokens.len();
             let hashes = s.table.prefix_hashes(&s.tokens, limit);
             let places = self.mgr.locate_prefix(&hashes);
             self.tiers.stage(&mut self.mgr, &hashes, &places);
             let tiers = &self.tiers;
-            let cached = s
-                .table
-                .adopt_prefix_with(&mut self.mgr, &s.tokens, limit, &mut |p, h| {
-                    tiers.fetch(p, h)
-                });
+            let mut cached =
+                s.table
+                    .adopt_prefix_with(&mut self.mgr, &s.tokens, limit, &mut |p, h| {
+                        tiers.fetch(p, h)
+                    });
+            // Every token's KV was cached (a block-aligned prompt seen before): the last token
+            // still runs, for its logits, in a private copy of its block; just that one token,
+            // as an engine with a token-exact cache would. Without a free block for the copy,
+            // the whole last block is recomputed instead.
+            let mut copy = None;
+            if cached == s.tokens.len() {
+                match s.table.unshare_last(&mut self.mgr) {
+                    Ok(pair) => copy = Some(pair),
+                    Err(_) => s.table.drop_last(&mut self.mgr),
+                }
+                cached = s.table.computed();
+            }
             // Chunks of this prompt that end in reused blocks are resident through them.
             s.chunks_mapped = 0;
             let adopted: Vec<(usize, u64)> = s.table.hashes().iter().copied().enumerate().collect();
             map_chunks(&mut self.mgr, &mut s, &adopted, self.cfg.block_tokens);
             let take = s.pending().min(budget);
             if s.table.reserve(&mut self.mgr, cached + take).is_err() {
+                if let Some((shared, _)) = copy {
+                    self.mgr.release(&[shared]);
+                }
                 s.table.release(&mut self.mgr);
                 self.waiting.push_front(s);
                 break;
             }
+            self.copies.extend(copy);
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             if !s.started {
                 s.started = true;
@@ -437,7 +457,7 @@ impl Core {
         for s in self.waiting.iter_mut().take(4) {
             if !s.prefetched {
                 s.prefetched = true;
-                let hashes = s.table.prefix_hashes(&s.tokens, s.tokens.len() - 1);
+                let hashes = s.table.prefix_hashes(&s.tokens, s.tokens.len());
                 let places = self.mgr.locate_prefix(&hashes);
                 self.tiers.prefetch(&hashes, &places);
             }
@@ -448,6 +468,12 @@ impl Core {
         if !moves.is_empty() {
             self.tiers.apply(&mut self.pool, moves);
             self.tiers.trim_staged(&self.mgr);
+        }
+        // Then the private copies of shared last blocks (a block promoted this step has its
+        // bytes by now).
+        for (shared, fresh) in std::mem::take(&mut self.copies) {
+            self.pool.copy_block(shared, fresh);
+            self.mgr.release(&[shared]);
         }
         if plan.is_empty() {
             return;

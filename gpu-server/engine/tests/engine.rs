@@ -170,6 +170,51 @@ fn cached_prefix_gives_the_same_logits_cold_shared_and_after_eviction() {
 }
 
 #[test]
+fn a_fully_cached_prompt_recomputes_only_its_last_token_in_a_private_block() {
+    let e = engine(EngineConfig {
+        step_tokens: 64,
+        ..EngineConfig::default()
+    });
+    let p = prompt(96, 3); // 6 full blocks: after one run every token's KV is cached
+    let mut a = submit(&e, &p, greedy(8));
+    let (cached, toks_a, _) = finish(&mut a);
+    assert_eq!(cached, 0);
+    let cold = last_prompt_logits(&mut a, p.len(), 0);
+    // A running request holds the same blocks (so the last one is shared) while another one
+    // takes them: each recomputes only the last prompt token, in a copy of its block.
+    let mut holder = submit(&e, &p, greedy(400));
+    match holder.events.blocking_recv() {
+        Some(Event::Started { cached_tokens }) => assert_eq!(cached_tokens, 95),
+        other => panic!("{other:?}"),
+    }
+    let mut b = submit(&e, &p, greedy(8));
+    let (cached, toks_b, _) = finish(&mut b);
+    assert_eq!(cached, 95, "all but the last prompt token from the cache");
+    assert_eq!(toks_a, toks_b);
+    let warm = last_prompt_logits(&mut b, p.len(), 95);
+    assert!(
+        max_diff(&cold, &warm) < TOL,
+        "fully cached vs cold {}",
+        max_diff(&cold, &warm)
+    );
+    drop(holder);
+    wait_until(&e, "holder cancelled", |s| {
+        s.cancelled == 1 && s.load.running == 0
+    });
+    // Nothing leaked: every block is free or cached, and the copies were folded back into
+    // the one cached block per hash when sealed.
+    let s = e.status();
+    assert_eq!(s.cache.in_use, 0);
+    assert_eq!(s.cache.free + s.cache.cached, s.cache.num_blocks);
+    // Served once more after all that: the same logits again.
+    let mut c = submit(&e, &p, greedy(8));
+    let (cached, toks_c, _) = finish(&mut c);
+    assert_eq!((cached, &toks_c), (95, &toks_a));
+    let again = last_prompt_logits(&mut c, p.len(), 95);
+    assert!(max_diff(&cold, &again) < TOL);
+}
+
+#[test]
 fn batched_decoding_gives_the_same_tokens_as_one_at_a_time() {
     let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(20 + 9 * i, i as u32 + 10)).collect();
     let e = engine(EngineConfig::default());

@@ -192,6 +192,29 @@ fn a_prefix_from_each_tier_gives_the_logits_of_recompute() {
 }
 
 #[test]
+fn a_fully_cached_prompt_promoted_from_the_host_tier_recomputes_its_last_token() {
+    // Block-aligned: the last block is promoted too, and its private copy is made after the
+    // promotion has brought its bytes.
+    let p = prompt(96, 3);
+    let q = prompt(150, 2);
+    let (_, cold) = run(&engine(0, 0, None), &p, Vec::new());
+    let e = engine(16, 0, None);
+    assert_eq!(run(&e, &p, Vec::new()).0, 0);
+    run(&e, &q, Vec::new());
+    wait_until(&e, "p demoted to host", |s| {
+        tier(s, Tier::Host).counters.demotions >= 6
+    });
+    let (cached, warm) = run(&e, &p, Vec::new());
+    assert_eq!(cached, 95);
+    assert_eq!(tier(&e.status(), Tier::Host).counters.promotions, 6);
+    assert!(
+        max_diff(&cold, &warm) < TOL,
+        "host, fully cached {}",
+        max_diff(&cold, &warm)
+    );
+}
+
+#[test]
 fn disk_blocks_of_a_waiting_request_are_read_ahead() {
     let p = prompt(100, 7);
     let (_, cold) = run(&engine(0, 0, None), &p, Vec::new());

@@ -68,6 +68,32 @@ impl BlockTable {
         self.computed
     }
 
+    /// After a prefix was adopted whole (every token's KV cached, so the last block is sealed
+    /// and may be shared): swaps the last block for a fresh one that the caller fills with a
+    /// copy of the shared one, and counts its last token as not computed, so that only that
+    /// token runs again (for its logits) and writes into the copy, never into a shared block.
+    /// Returns `(shared, fresh)`; the caller copies, then releases `shared`. Sealing the fresh
+    /// block later finds the shared one by its hash and keeps that instead.
+    pub fn unshare_last(&mut self, mgr: &mut BlockManager) -> Result<(BlockId, BlockId), KvError> {
+        let (Some(&shared), Some(_)) = (self.ids.last(), self.hashes.last()) else {
+            return Err(KvError::OutOfBlocks);
+        };
+        let fresh = mgr.allocate()?;
+        *self.ids.last_mut().expect("checked above") = fresh;
+        self.hashes.pop();
+        self.computed = self.ids.len() * self.block_tokens - 1;
+        Ok((shared, fresh))
+    }
+
+    /// Gives back the last adopted block, so its tokens are computed again (the fallback of
+    /// [`BlockTable::unshare_last`] when no block is free).
+    pub fn drop_last(&mut self, mgr: &mut BlockManager) {
+        if let (Some(id), Some(_)) = (self.ids.pop(), self.hashes.pop()) {
+            mgr.release(&[id]);
+            self.computed = self.ids.len() * self.block_tokens;
+        }
+    }
+
     /// Blocks that must be allocated so that `total_tokens` fit.
     pub fn blocks_needed(&self, total_tokens: usize) -> usize {
         total_tokens

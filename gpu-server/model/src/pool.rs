@@ -77,6 +77,17 @@ impl KvPool {
             .map(bytemuck::cast_slice_mut::<f16, u8>)
     }
 
+    /// Copies block `from` over block `to` (every layer, K and V); false outside the pool.
+    pub fn copy_block(&mut self, from: u32, to: u32) -> bool {
+        let n = self.block_elems();
+        let (f, t) = (from as usize, to as usize);
+        if f >= self.num_blocks || t >= self.num_blocks {
+            return false;
+        }
+        self.data.copy_within(f * n..(f + 1) * n, t * n);
+        true
+    }
+
     /// Element offset of `pos` of `layer`'s K (`kv` 0) or V (`kv` 1).
     fn offset(&self, blocks: &[u32], layer: usize, kv: usize, pos: usize) -> Option<usize> {
         let block = *blocks.get(pos / self.block_tokens)? as usize;
