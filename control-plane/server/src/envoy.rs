@@ -108,8 +108,9 @@ pub fn filter_name(pool: &str) -> String {
     format!("kvmesh.routing/{pool}")
 }
 
-/// Name of the listener (and route table) shared by the pools from Kubernetes.
-pub const GATEWAY: &str = "kvmesh/gateway";
+/// Name of the listener (and route table) shared by the pools from Kubernetes. Two slashes:
+/// no file pool's `kvmesh/<pool>` can take it (pool names have no '/').
+pub const GATEWAY: &str = "kvmesh/kubernetes/gateway";
 
 /// Drops the client's destination header: clients never pick the replica.
 fn strip_destination() -> HttpFilter {
