@@ -133,13 +133,17 @@ impl App {
             }
         }
         let statics = &self.config.pools;
-        let dynamic = &served[statics.len()..];
-        self.strategies
-            .lock()
-            .await
-            .sync_dynamic(dynamic, |name| statics.iter().any(|p| p.name == name))
-            .await;
-        self.registry.lock().await.set_pools(Arc::new(served));
+        let served = Arc::new(served);
+        {
+            // Both changed under the strategies lock (taken before the registry's, as
+            // `publish` does), so no publish sees new strategies with old pools or the reverse.
+            let mut strategies = self.strategies.lock().await;
+            let dynamic = &served[statics.len()..];
+            strategies
+                .sync_dynamic(dynamic, |name| statics.iter().any(|p| p.name == name))
+                .await;
+            self.registry.lock().await.set_pools(served.clone());
+        }
         self.publish(true).await;
         left_out
     }
