@@ -195,6 +195,7 @@ fn http_listener(
 
 /// The listener shared by the pools from Kubernetes: every pool's routing filter is in its
 /// chain, off by default; the route of a pool (its path prefix) turns its own one on.
+/// Its buffer limit is twice `kubernetes.max_body_bytes`, the body limit of all those pools.
 pub fn gateway_listener(k: &KubernetesSource, pools: &[(&PoolSpec, bool)]) -> Resource {
     let mut http_filters = vec![strip_destination()];
     for (pool, with_filter) in pools {
@@ -203,16 +204,11 @@ pub fn gateway_listener(k: &KubernetesSource, pools: &[(&PoolSpec, bool)]) -> Re
         }
     }
     http_filters.push(router());
-    let limit = pools
-        .iter()
-        .map(|(p, _)| buffer_limit(p))
-        .max()
-        .unwrap_or(k.max_body_bytes.saturating_mul(2));
     http_listener(
         GATEWAY,
         "kvmesh_gateway".into(),
         k.listener,
-        limit,
+        k.max_body_bytes.saturating_mul(2),
         GATEWAY,
         http_filters,
     )

@@ -369,7 +369,6 @@ impl Registry {
                     if r.pool != p.name {
                         r.pool = p.name.clone();
                         // Residency resources are named by pool: re-encode them all.
-                        r.encoded.iter_mut().for_each(|e| *e = None);
                         r.dirty_shards.extend(0..r.shards.len() as u32);
                     }
                     true

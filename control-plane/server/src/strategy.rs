@@ -62,6 +62,21 @@ struct PoolStrategies {
     source: Option<StrategySpec>,
 }
 
+impl PoolStrategies {
+    /// Makes `active` current; the one it replaces goes to the (bounded) history and is
+    /// returned.
+    fn replace(&mut self, active: Option<Active>) -> Option<Active> {
+        let previous = std::mem::replace(&mut self.current, active);
+        if let Some(prev) = previous.clone() {
+            self.history.push(prev);
+            if self.history.len() > HISTORY {
+                self.history.remove(0);
+            }
+        }
+        previous
+    }
+}
+
 /// Strategies of every pool.
 #[derive(Debug)]
 pub struct Strategies {
@@ -229,13 +244,7 @@ impl Strategies {
             .pools
             .get_mut(pool)
             .ok_or_else(|| StrategyError::UnknownPool(pool.into()))?;
-        let previous = p.current.replace(active);
-        if let Some(prev) = previous.clone() {
-            p.history.push(prev);
-            if p.history.len() > HISTORY {
-                p.history.remove(0);
-            }
-        }
+        let previous = p.replace(Some(active));
         self.generation += 1;
         self.persist().await;
         Ok(previous)
@@ -294,13 +303,7 @@ impl Strategies {
             let e = self.pools.entry(name.to_owned()).or_default();
             e.source = pool.strategy.clone();
             if e.current != active {
-                if let Some(prev) = e.current.take() {
-                    e.history.push(prev);
-                    if e.history.len() > HISTORY {
-                        e.history.remove(0);
-                    }
-                }
-                e.current = active;
+                e.replace(active);
             }
             self.generation += 1;
         }

@@ -124,6 +124,18 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// An engine with a 16-block host tier where `p` (6 full blocks) ran cold and then `q`
+/// (all 10 device blocks) pushed p's blocks down to host memory.
+fn demoted_to_host(p: &[u32], q: &[u32]) -> EngineHandle {
+    let e = engine(16, 0, None);
+    assert_eq!(run(&e, p, Vec::new()).0, 0);
+    run(&e, q, Vec::new());
+    wait_until(&e, "p demoted to host", |s| {
+        tier(s, Tier::Host).counters.demotions >= 6
+    });
+    e
+}
+
 #[test]
 fn a_prefix_from_each_tier_gives_the_logits_of_recompute() {
     let p = prompt(100, 1); // 6 full blocks are reusable
@@ -131,12 +143,7 @@ fn a_prefix_from_each_tier_gives_the_logits_of_recompute() {
     let (_, cold) = run(&engine(0, 0, None), &p, Vec::new());
 
     // HOST: q pushes p's blocks down to host memory; p comes back from there.
-    let e = engine(16, 0, None);
-    assert_eq!(run(&e, &p, Vec::new()).0, 0);
-    run(&e, &q, Vec::new());
-    wait_until(&e, "p demoted to host", |s| {
-        tier(s, Tier::Host).counters.demotions >= 6
-    });
+    let e = demoted_to_host(&p, &q);
     let (cached, warm) = run(&e, &p, Vec::new());
     assert_eq!(cached, 96);
     let s = e.status();
@@ -198,12 +205,7 @@ fn a_fully_cached_prompt_promoted_from_the_host_tier_recomputes_its_last_token()
     let p = prompt(96, 3);
     let q = prompt(150, 2);
     let (_, cold) = run(&engine(0, 0, None), &p, Vec::new());
-    let e = engine(16, 0, None);
-    assert_eq!(run(&e, &p, Vec::new()).0, 0);
-    run(&e, &q, Vec::new());
-    wait_until(&e, "p demoted to host", |s| {
-        tier(s, Tier::Host).counters.demotions >= 6
-    });
+    let e = demoted_to_host(&p, &q);
     let (cached, warm) = run(&e, &p, Vec::new());
     assert_eq!(cached, 95);
     assert_eq!(tier(&e.status(), Tier::Host).counters.promotions, 6);
