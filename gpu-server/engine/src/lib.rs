@@ -10,6 +10,8 @@
 //! It does not speak HTTP: callers [`EngineHandle::submit`] token ids and read [`Event`]s.
 
 mod cost;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod disk;
 mod report;
 mod sampling;
@@ -17,11 +19,13 @@ mod scheduler;
 mod tiers;
 
 pub use cost::{FetchPolicy, TierCostReport};
+#[cfg(feature = "cuda")]
+pub use cuda::CudaCopier;
 pub use disk::ScanReport;
 pub use report::{CostStatus, LoadReport, StateUpdate, Status, TierLoad, TierStatus};
 pub use sampling::{SamplingParams, sample};
 pub use scheduler::{Engine, EngineConfig, EngineHandle, TierBlocks};
-pub use tiers::{BlockCopier, CpuCopier, DiskStatus, TierBytes, TierConfig};
+pub use tiers::{BlockCopier, CpuCopier, DiskStatus, HostMemory, TierBytes, TierConfig};
 
 use tokio::sync::mpsc;
 

@@ -189,7 +189,9 @@ impl Engine {
     ) -> EngineHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let waiting = Arc::new(AtomicUsize::new(0));
-        let pool = KvPool::new(model.config(), cfg.num_blocks, cfg.block_tokens);
+        // A GPU model gets its pool in GPU memory; failing to allocate it is fatal at start.
+        let pool = KvPool::for_model(&model, cfg.num_blocks, cfg.block_tokens)
+            .unwrap_or_else(|e| panic!("KV pool of {} blocks: {e}", cfg.num_blocks));
         let (mut tiers, host_blocks, disk_blocks, found) = Tiers::new(tiers, &pool);
         let mut mgr = BlockManager::tiered(
             KvConfig {

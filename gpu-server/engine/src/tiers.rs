@@ -34,10 +34,66 @@ pub struct TierConfig {
 /// Whole-block copies between the device pool and host memory.
 pub trait BlockCopier: Send + std::fmt::Debug {
     /// Copies device block `id` into `dst` (one block of bytes). False if `id` is not in the
-    /// pool.
+    /// pool. A copy into memory from [`BlockCopier::host_memory`] may still be running when
+    /// this returns ([`BlockCopier::sync`]).
     fn to_host(&mut self, pool: &KvPool, id: BlockId, dst: &mut [u8]) -> bool;
-    /// Copies `src` (one block of bytes) into device block `id`.
+    /// Copies `src` (one block of bytes) into device block `id`; `src` may be reused at once.
     fn to_device(&mut self, src: &[u8], pool: &mut KvPool, id: BlockId) -> bool;
+    /// Memory for the HOST tier (pinned on a GPU, so copies run without the CPU).
+    fn host_memory(&mut self, bytes: usize) -> HostMemory {
+        HostMemory::zeroed(bytes)
+    }
+    /// Before a run of copies: they must see the pool as the forward passes left it.
+    fn begin(&mut self) {}
+    /// After a run of copies: the next forward pass must see what they wrote.
+    fn end(&mut self) {}
+    /// Waits for copies into host memory still running, before the CPU reads that memory.
+    fn sync(&mut self) {}
+}
+
+/// Memory of the HOST tier: on the heap, or pinned by CUDA (`cuda` builds) so that copies to
+/// and from the GPU run without the CPU.
+#[derive(Debug)]
+pub enum HostMemory {
+    Heap(Box<[u8]>),
+    #[cfg(feature = "cuda")]
+    Pinned(crate::cuda::Pinned),
+}
+
+impl HostMemory {
+    /// `len` zero bytes on the heap.
+    pub fn zeroed(len: usize) -> Self {
+        Self::Heap(vec![0u8; len].into_boxed_slice())
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Heap(b) => b,
+            #[cfg(feature = "cuda")]
+            Self::Pinned(p) => p.bytes(),
+        }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::Heap(b) => b,
+            #[cfg(feature = "cuda")]
+            Self::Pinned(p) => p.bytes_mut(),
+        }
+    }
+}
+
+/// The copier for `pool`: memcpy for a host pool, CUDA streams and pinned memory for a GPU one.
+fn copier_for(pool: &KvPool) -> Box<dyn BlockCopier> {
+    #[cfg(feature = "cuda")]
+    if pool.on_device() {
+        match crate::cuda::CudaCopier::new(pool) {
+            Ok(c) => return Box::new(c),
+            Err(e) => tracing::error!("KV tier copies on the GPU unavailable: {e}"),
+        }
+    }
+    let _ = pool;
+    Box::new(CpuCopier)
 }
 
 /// The CPU backend: the device pool is host memory, a copy is a `memcpy`.
@@ -70,17 +126,17 @@ impl BlockCopier for CpuCopier {
 #[derive(Debug)]
 struct HostPool {
     block_bytes: usize,
-    data: Vec<u8>,
+    data: HostMemory,
 }
 
 impl HostPool {
     fn slot(&self, s: u32) -> &[u8] {
         let at = s as usize * self.block_bytes;
-        &self.data[at..at + self.block_bytes]
+        &self.data.bytes()[at..at + self.block_bytes]
     }
     fn slot_mut(&mut self, s: u32) -> &mut [u8] {
         let at = s as usize * self.block_bytes;
-        &mut self.data[at..at + self.block_bytes]
+        &mut self.data.bytes_mut()[at..at + self.block_bytes]
     }
 }
 
@@ -151,9 +207,10 @@ impl Tiers {
     /// with a warning (the server keeps serving on two tiers).
     pub(crate) fn new(cfg: &TierConfig, pool: &KvPool) -> (Self, usize, usize, Vec<RestoredBlock>) {
         let block_bytes = pool.block_bytes_len();
+        let mut copier = copier_for(pool);
         let host = (cfg.host_blocks > 0).then(|| HostPool {
             block_bytes,
-            data: vec![0u8; cfg.host_blocks * block_bytes],
+            data: copier.host_memory(cfg.host_blocks * block_bytes),
         });
         let mut disk_status = DiskStatus {
             dir: cfg.disk_dir.as_ref().map(|d| d.display().to_string()),
@@ -205,7 +262,7 @@ impl Tiers {
             block_bytes,
             host,
             disk,
-            copier: Box::new(CpuCopier),
+            copier,
             cost: CostModel::new(cfg.fetch, pool.block_tokens(), block_bytes),
             staged: HashMap::new(),
             bytes: [TierBytes::default(); 3],
@@ -223,7 +280,9 @@ impl Tiers {
         if let Some(host) = &mut self.host {
             for _ in 0..REPS {
                 let t = Instant::now();
+                self.copier.begin();
                 self.copier.to_host(pool, 0, host.slot_mut(0));
+                self.copier.sync();
                 self.cost
                     .record_fetch(Tier::Host, t.elapsed().as_secs_f64());
                 let t = Instant::now();
@@ -308,6 +367,10 @@ impl Tiers {
 
     /// Carries out `moves` in order.
     pub(crate) fn apply(&mut self, pool: &mut KvPool, moves: Vec<Move>) {
+        if moves.is_empty() {
+            return;
+        }
+        self.copier.begin();
         for mv in moves {
             let t = Instant::now();
             let ok = match (mv.from, mv.to) {
@@ -333,6 +396,8 @@ impl Tiers {
                 }
                 (Place::Host(s), Place::Disk(d)) => match (&self.host, &mut self.disk) {
                     (Some(h), Some(disk)) => {
+                        // The block may have been demoted to HOST by a copy still running.
+                        self.copier.sync();
                         disk.write(d, mv.hash, mv.parent, &mv.chunks, h.slot(s));
                         true
                     }
@@ -363,6 +428,7 @@ impl Tiers {
             self.bytes[ti(mv.from.tier())].read += b;
             self.bytes[ti(mv.to.tier())].written += b;
         }
+        self.copier.end();
     }
 
     /// Collects finished disk writes; on a write error, turns the disk tier off (with a

@@ -7,12 +7,11 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{QMatMul, QTensor};
 
 use crate::config::{Arch, ModelConfig};
-use crate::llama::{Layer, Linear, Model, Weight, f32_tensor};
+use crate::llama::{Layer, Linear, Model, Weight, f32_tensor, float_weight};
 use crate::q4_1::Q41Matrix;
 use crate::template::ChatTemplate;
 use crate::tokenizer::{PreTokenizer, Tokenizer};
@@ -64,11 +63,15 @@ impl Meta<'_> {
     }
 }
 
-/// The matmul for a GGUF weight: kvmesh's AVX2 kernel for Q4_1 where this CPU has AVX2 and FMA
-/// and `opts.fast_q4_1` allows it (candle's Q4_1 matmul is scalar code on x86), candle's
-/// otherwise.
-fn weight(t: Arc<QTensor>, opts: LoadOptions) -> Result<Weight> {
+/// The matmul for a GGUF weight: dequantized when `opts.weights` asks for a float type;
+/// otherwise kvmesh's AVX2 kernel for Q4_1 where this CPU has AVX2 and FMA and
+/// `opts.fast_q4_1` allows it (candle's Q4_1 matmul is scalar code on x86), candle's otherwise.
+fn weight(t: Arc<QTensor>, opts: &LoadOptions) -> Result<Weight> {
+    if let Some(dtype) = opts.weights {
+        return float_weight(t.dequantize(&t.device())?, dtype);
+    }
     if opts.fast_q4_1
+        && opts.device.is_cpu()
         && let Some(m) = Q41Matrix::from_qtensor(&t)?
     {
         return Ok(Weight::Q41(m));
@@ -76,7 +79,7 @@ fn weight(t: Arc<QTensor>, opts: LoadOptions) -> Result<Weight> {
     Ok(Weight::Candle(QMatMul::from_arc(t)?))
 }
 
-pub(crate) fn load(path: &Path, opts: LoadOptions) -> Result<Loaded> {
+pub(crate) fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let mut file = File::open(path)?;
     let content = Content::read(&mut file)?;
     let meta = Meta(&content.metadata);
@@ -96,7 +99,7 @@ pub(crate) fn load(path: &Path, opts: LoadOptions) -> Result<Loaded> {
         }
         None => None,
     };
-    let dev = Device::Cpu;
+    let dev = opts.device.clone();
     let mut qt = |name: &str| -> Result<QTensor> { Ok(content.tensor(&mut file, name, &dev)?) };
     let embed_q = Arc::new(qt("token_embd.weight")?);
     let embed = f32_tensor(embed_q.dequantize(&dev)?)?;

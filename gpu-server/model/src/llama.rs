@@ -20,6 +20,18 @@ pub(crate) enum Weight {
 }
 
 impl Weight {
+    /// Bytes a matmul with this weight reads (what one decode step streams from memory).
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+            // 32 weights in 16 bytes of nibbles plus an f16 scale and minimum.
+            Self::Q41(w) => w.dims().0 * w.dims().1 / 32 * 20,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(w) => Ok(w.forward(x)?),
@@ -81,6 +93,9 @@ pub struct Model {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Type of the activations: F16 on a GPU when every projection is f16 (no casts around
+    /// each matmul), F32 otherwise.
+    act: DType,
 }
 
 /// One sequence's share of a forward step: run `tokens` at positions `start..`, reading KV of
@@ -98,11 +113,39 @@ impl Model {
     pub(crate) fn new(
         cfg: ModelConfig,
         embed: Tensor,
-        layers: Vec<Layer>,
+        mut layers: Vec<Layer>,
         norm: Tensor,
-        lm_head: Linear,
+        mut lm_head: Linear,
     ) -> Result<Self> {
         let device = embed.device().clone();
+        let f16 = |l: &Linear| matches!(l.w, Weight::Candle(QMatMul::TensorF16(_)));
+        let act = if !device.is_cpu()
+            && f16(&lm_head)
+            && layers.iter().all(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                    .into_iter()
+                    .all(f16)
+            }) {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        for l in &mut layers {
+            l.attn_norm = l.attn_norm.to_dtype(act)?;
+            l.ffn_norm = l.ffn_norm.to_dtype(act)?;
+            for lin in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                lin.b = lin.b.take().map(|b| b.to_dtype(act)).transpose()?;
+            }
+        }
+        lm_head.b = lm_head.b.take().map(|b| b.to_dtype(act)).transpose()?;
         let half = cfg.head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
@@ -114,14 +157,15 @@ impl Model {
         }
         let freqs = Tensor::from_vec(freqs, (n, half), &device)?;
         Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            cos: freqs.cos()?.to_dtype(act)?,
+            sin: freqs.sin()?.to_dtype(act)?,
             cfg,
-            embed,
+            embed: embed.to_dtype(act)?,
             layers,
-            norm,
+            norm: norm.to_dtype(act)?,
             lm_head,
             device,
+            act,
         })
     }
 
@@ -129,9 +173,26 @@ impl Model {
         &self.cfg
     }
 
+    /// Bytes of every projection and the output head: what one decode step reads at least
+    /// (the HBM roofline of a step is this over the copy bandwidth).
+    pub fn projection_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .map(|lin| lin.w.bytes())
+            .sum();
+        layers + self.lm_head.w.bytes()
+    }
+
+    /// Where the weights live (a KV pool for this model goes there too).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Runs one step for a batch of sequences; their tokens go through every matmul together.
-    /// Returns per sequence its logits, `(rows, vocab)`: the last token's only, or every
-    /// token's when `all_logits`.
+    /// Returns per sequence its logits, `(rows, vocab)` in host memory: the last token's only,
+    /// or every token's when `all_logits`.
     pub fn forward(&self, batch: &[SeqInput<'_>], pool: &mut KvPool) -> Result<Vec<Tensor>> {
         let cfg = &self.cfg;
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
@@ -166,6 +227,15 @@ impl Model {
         let sin = self.sin.index_select(&pos, 0)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let eps = cfg.rms_eps as f32;
+        let plan = match pool.on_device() {
+            true => Some(DevicePlan::new(batch, pool, &self.device, self.act)?),
+            false => None,
+        };
+        // Causal masks of the sequences that run several tokens, made once for every layer.
+        let masks = batch
+            .iter()
+            .map(|s| causal_mask(s.start, s.tokens.len(), &self.device, self.act))
+            .collect::<Result<Vec<_>>>()?;
         let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
@@ -175,27 +245,38 @@ impl Model {
             let k_rows = k
                 .transpose(0, 1)?
                 .contiguous()?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let v_rows = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut outs = Vec::with_capacity(batch.len());
-            let mut off = 0;
-            for s in batch {
-                let n = s.tokens.len();
-                let d = cfg.kv_dim();
-                let rows = off * d..(off + n) * d;
-                if !pool.write(l, s.blocks, s.start, &k_rows[rows.clone()], &v_rows[rows]) {
-                    return Err(ModelError::Forward("block id outside the pool".into()));
+                .reshape((total, cfg.kv_dim()))?;
+            let v_rows = layer.wv.forward(&h)?;
+            let attn = match &plan {
+                Some(plan) => {
+                    self.attend_device(l, plan, &q, &k_rows, &v_rows, batch, pool, &masks)?
                 }
-                let ctx = s.start + n;
-                if !pool.gather(l, s.blocks, ctx, &mut kbuf, &mut vbuf) {
-                    return Err(ModelError::Forward("block id outside the pool".into()));
+                None => {
+                    let k_rows = k_rows.flatten_all()?.to_vec1::<f32>()?;
+                    let v_rows = v_rows.flatten_all()?.to_vec1::<f32>()?;
+                    let mut outs = Vec::with_capacity(batch.len());
+                    let mut off = 0;
+                    for (s, mask) in batch.iter().zip(&masks) {
+                        let n = s.tokens.len();
+                        let d = cfg.kv_dim();
+                        let rows = off * d..(off + n) * d;
+                        if !pool.write(l, s.blocks, s.start, &k_rows[rows.clone()], &v_rows[rows]) {
+                            return Err(ModelError::Forward("block id outside the pool".into()));
+                        }
+                        let ctx = s.start + n;
+                        if !pool.gather(l, s.blocks, ctx, &mut kbuf, &mut vbuf) {
+                            return Err(ModelError::Forward("block id outside the pool".into()));
+                        }
+                        let shape = (ctx, cfg.kv_heads, cfg.head_dim);
+                        let kt = Tensor::from_slice(&kbuf, shape, &self.device)?;
+                        let vt = Tensor::from_slice(&vbuf, shape, &self.device)?;
+                        let qs = q.narrow(1, off, n)?.contiguous()?;
+                        outs.push(self.attend(&qs, &kt, &vt, mask.as_ref())?);
+                        off += n;
+                    }
+                    Tensor::cat(&outs, 0)?
                 }
-                let qs = q.narrow(1, off, n)?.contiguous()?;
-                outs.push(self.attend(&qs, &kbuf, &vbuf, s.start, ctx)?);
-                off += n;
-            }
-            let attn = Tensor::cat(&outs, 0)?;
+            };
             x = (x + layer.wo.forward(&attn)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
             let ff = (silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
@@ -219,6 +300,8 @@ impl Model {
         let rows = Tensor::new(rows.as_slice(), &self.device)?;
         let x = rms_norm(&x.index_select(&rows, 0)?, &self.norm, eps)?;
         let logits = self.lm_head.forward(&x)?;
+        // Sampling runs on the CPU: one copy of every row wanted, not one per sequence.
+        let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut at = 0;
         for c in counts {
@@ -244,34 +327,94 @@ impl Model {
         Ok(y.squeeze(0)?)
     }
 
-    /// Causal attention of `q` `(heads, n, head_dim)` (positions `start..ctx`) over the
-    /// gathered K/V rows of positions `0..ctx`. Returns `(n, heads * head_dim)`.
-    fn attend(&self, q: &Tensor, k: &[f32], v: &[f32], start: usize, ctx: usize) -> Result<Tensor> {
+    /// Writes this layer's K and V rows (`(T, kv_dim)` each, every token of the batch) into a
+    /// GPU pool with one scatter, then attends: all-decode batches in one batched product over
+    /// their padded contexts, others one sequence at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_device(
+        &self,
+        layer: usize,
+        plan: &DevicePlan,
+        q: &Tensor,
+        k_rows: &Tensor,
+        v_rows: &Tensor,
+        batch: &[SeqInput<'_>],
+        pool: &KvPool,
+        masks: &[Option<Tensor>],
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (kvh, hd) = (cfg.kv_heads, cfg.head_dim);
+        let rows = pool
+            .device_rows()
+            .ok_or_else(|| ModelError::Forward("KV pool is not on the GPU".into()))?;
+        // Row numbers are those of layer 0 plus 2 * layer * block_tokens.
+        let shift = |idx: &Tensor| -> Result<Tensor> {
+            Ok(match layer {
+                0 => idx.clone(),
+                l => idx.affine(1.0, (2 * l * pool.block_tokens()) as f64)?,
+            })
+        };
+        let src = Tensor::cat(&[k_rows, v_rows], 0)?.to_dtype(DType::F16)?;
+        rows.scatter_set(&plan.write.get(layer)?, &src, 0)?;
+        if let Some((gather, mask, c)) = &plan.decode {
+            let b = batch.len();
+            let kv = rows
+                .index_select(&gather.get(layer)?, 0)?
+                .to_dtype(self.act)?;
+            let split = |i: usize| -> Result<Tensor> {
+                Ok(kv
+                    .narrow(0, i * b * c, b * c)?
+                    .reshape((b, *c, kvh, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let (k, v) = (split(0)?, split(1)?);
+            let g = cfg.heads / kvh;
+            // q (heads, B, hd) -> (B, kvh, g, hd); query head h = kv * g + j.
+            let q = q
+                .reshape((kvh, g, b, hd))?
+                .permute((2, 0, 1, 3))?
+                .contiguous()?;
+            let mut att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+            if let Some(mask) = mask {
+                att = att.broadcast_add(mask)?;
+            }
+            let att = softmax_last_dim(&att)?;
+            return Ok(att.matmul(&v)?.reshape((b, cfg.heads * hd))?);
+        }
+        let mut outs = Vec::with_capacity(batch.len());
+        let mut off = 0;
+        for ((s, gather), mask) in batch.iter().zip(&plan.per_seq).zip(masks) {
+            let n = s.tokens.len();
+            let ctx = s.start + n;
+            let kv = rows.index_select(&shift(gather)?, 0)?.to_dtype(self.act)?;
+            let k = kv.narrow(0, 0, ctx)?.reshape((ctx, kvh, hd))?;
+            let v = kv.narrow(0, ctx, ctx)?.reshape((ctx, kvh, hd))?;
+            let qs = q.narrow(1, off, n)?.contiguous()?;
+            outs.push(self.attend(&qs, &k, &v, mask.as_ref())?);
+            off += n;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    /// Causal attention of `q` `(heads, n, head_dim)` (positions `ctx - n..ctx`) over K and V
+    /// `(ctx, kv_heads, head_dim)` of positions `0..ctx`, with `mask` `(n, ctx)` when `n > 1`.
+    /// Returns `(n, heads * head_dim)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (kvh, hd) = (cfg.kv_heads, cfg.head_dim);
         let g = cfg.heads / kvh;
-        let n = ctx - start;
-        let k = Tensor::from_slice(k, (ctx, kvh, hd), &self.device)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let v = Tensor::from_slice(v, (ctx, kvh, hd), &self.device)?
-            .transpose(0, 1)?
-            .contiguous()?;
+        let (n, ctx) = (q.dim(1)?, k.dim(0)?);
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
         // Query heads h = kv * g + j share kv head `kv`.
         let q = q.reshape((kvh, g * n, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if n > 1 {
-            let mut mask = vec![0f32; n * ctx];
-            for i in 0..n {
-                for j in start + i + 1..ctx {
-                    mask[i * ctx + j] = f32::NEG_INFINITY;
-                }
-            }
-            let mask = Tensor::from_vec(mask, (n, ctx), &self.device)?;
+        if let Some(mask) = mask {
             att = att
                 .reshape((kvh, g, n, ctx))?
-                .broadcast_add(&mask)?
+                .broadcast_add(mask)?
                 .reshape((kvh, g * n, ctx))?;
         }
         let att = softmax_last_dim(&att)?;
@@ -282,6 +425,130 @@ impl Model {
             .reshape((n, cfg.heads * hd))?;
         Ok(out)
     }
+}
+
+/// `(n, start + n)` additive mask of `n` tokens at positions `start..`: `-inf` where a token would
+/// see a later one. `None` for one token, which sees everything before it.
+fn causal_mask(start: usize, n: usize, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
+    if n <= 1 {
+        return Ok(None);
+    }
+    let ctx = start + n;
+    let mut mask = vec![0f32; n * ctx];
+    for i in 0..n {
+        for j in start + i + 1..ctx {
+            mask[i * ctx + j] = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Some(
+        Tensor::from_vec(mask, (n, ctx), device)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Row numbers of one forward pass in a GPU pool (a layer's are layer 0's plus
+/// `2 * layer * block_tokens`), uploaded once and spread to every layer on the device.
+struct DevicePlan {
+    /// `(layers, 2T, kv_dim)`: the K rows then the V rows of every token, repeated along a row
+    /// (the scatter takes an index per element).
+    write: Tensor,
+    /// An all-decode batch: `(layers, 2BC)`, the K rows then the V rows of each sequence's
+    /// context padded to the longest (`C`); the additive mask `(B, 1, 1, C)` hiding the padding
+    /// (none when every context is `C` long); and `C`.
+    decode: Option<(Tensor, Option<Tensor>, usize)>,
+    /// Otherwise per sequence, for layer 0: its K rows then V rows of positions `0..ctx`.
+    per_seq: Vec<Tensor>,
+}
+
+impl DevicePlan {
+    fn new(batch: &[SeqInput<'_>], pool: &KvPool, device: &Device, act: DType) -> Result<Self> {
+        let bt = pool.block_tokens();
+        let d = pool.kv_dim();
+        let row = |s: &SeqInput<'_>, kv: usize, p: usize| -> u32 {
+            pool.row(s.blocks[p / bt] as usize, 0, kv, p % bt) as u32
+        };
+        if let Some(&bad) = batch
+            .iter()
+            .flat_map(|s| s.blocks.iter())
+            .find(|&&b| b as usize >= pool.num_blocks())
+        {
+            return Err(ModelError::Forward(format!(
+                "block id {bad} outside the pool"
+            )));
+        }
+        let mut write = Vec::new();
+        for kv in 0..2 {
+            for s in batch {
+                for p in s.start..s.start + s.tokens.len() {
+                    write.extend(std::iter::repeat_n(row(s, kv, p), d));
+                }
+            }
+        }
+        let t = write.len() / (2 * d);
+        // Layer l's rows: layer 0's plus 2 * l * block_tokens, made on the device in one op.
+        let layers = pool.layers();
+        let shift: Vec<u32> = (0..layers).map(|l| (2 * l * bt) as u32).collect();
+        let shift = Tensor::from_vec(shift, (layers, 1, 1), device)?;
+        let every = |base: Tensor| -> Result<Tensor> {
+            let (r, c) = base.dims2()?;
+            Ok(base
+                .reshape((1, r, c))?
+                .broadcast_add(&shift)?
+                .contiguous()?)
+        };
+        let write = every(Tensor::from_vec(write, (2 * t, d), device)?)?;
+        let ctx = |s: &SeqInput<'_>| s.start + s.tokens.len();
+        if batch.iter().all(|s| s.tokens.len() == 1) {
+            let c = batch.iter().map(ctx).max().unwrap_or(1);
+            let mut gather = Vec::with_capacity(2 * batch.len() * c);
+            for kv in 0..2 {
+                for s in batch {
+                    gather.extend((0..c).map(|p| row(s, kv, if p < ctx(s) { p } else { 0 })));
+                }
+            }
+            let mask = match batch.iter().all(|s| ctx(s) == c) {
+                true => None,
+                false => {
+                    let mut mask = vec![0f32; batch.len() * c];
+                    for (i, s) in batch.iter().enumerate() {
+                        mask[i * c + ctx(s)..(i + 1) * c].fill(f32::NEG_INFINITY);
+                    }
+                    let mask = Tensor::from_vec(mask, (batch.len(), 1, 1, c), device)?;
+                    Some(mask.to_dtype(act)?)
+                }
+            };
+            let n = gather.len();
+            let gather = every(Tensor::from_vec(gather, (1, n), device)?)?.squeeze(1)?;
+            return Ok(Self {
+                write,
+                decode: Some((gather, mask, c)),
+                per_seq: Vec::new(),
+            });
+        }
+        let per_seq = batch
+            .iter()
+            .map(|s| {
+                let rows: Vec<u32> = (0..2)
+                    .flat_map(|kv| (0..ctx(s)).map(move |p| (kv, p)))
+                    .map(|(kv, p)| row(s, kv, p))
+                    .collect();
+                Tensor::new(rows.as_slice(), device)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            write,
+            decode: None,
+            per_seq,
+        })
+    }
+}
+
+/// A projection weight held as floats: `F16` runs its matmuls in f16 (the activations cast on
+/// the way in and out), anything else in f32.
+pub(crate) fn float_weight(t: Tensor, dtype: DType) -> Result<Weight> {
+    Ok(Weight::Candle(match dtype {
+        DType::F16 => QMatMul::TensorF16(t.to_dtype(DType::F16)?),
+        _ => QMatMul::Tensor(t.to_dtype(DType::F32)?),
+    }))
 }
 
 /// Float tensor of a weight, in f32.

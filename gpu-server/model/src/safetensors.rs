@@ -4,15 +4,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::config::{Arch, ModelConfig};
-use crate::llama::{Layer, Linear, Model, Weight, f32_tensor};
+use crate::llama::{Layer, Linear, Model, f32_tensor, float_weight};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{PreTokenizer, Tokenizer};
-use crate::{Loaded, ModelError, Result};
+use crate::{LoadOptions, Loaded, ModelError, Result};
 
 #[derive(Deserialize)]
 struct HfConfig {
@@ -70,7 +69,7 @@ fn token_text(v: &Option<serde_json::Value>) -> Option<String> {
     }
 }
 
-pub(crate) fn load(dir: &Path) -> Result<Loaded> {
+pub(crate) fn load(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let hf: HfConfig = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
     let arch = match hf.model_type.as_deref().unwrap_or("llama") {
         "llama" | "mistral" => Arch::Llama,
@@ -111,7 +110,7 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded> {
         )?),
         None => None,
     };
-    let dev = Device::Cpu;
+    let dev = opts.device.clone();
     let mut w: HashMap<String, Tensor> = HashMap::new();
     for entry in std::fs::read_dir(dir)? {
         let p = entry?.path();
@@ -137,7 +136,7 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded> {
                 None
             };
             Ok(Linear {
-                w: Weight::Candle(QMatMul::Tensor(wt)),
+                w: float_weight(wt, opts.weights.unwrap_or(DType::F32))?,
                 b,
             })
         };
@@ -177,7 +176,7 @@ pub(crate) fn load(dir: &Path) -> Result<Loaded> {
         layers,
         norm,
         Linear {
-            w: Weight::Candle(QMatMul::Tensor(head)),
+            w: float_weight(head, opts.weights.unwrap_or(DType::F32))?,
             b: None,
         },
     )?;

@@ -303,3 +303,89 @@ pub fn write_safetensors_dir(dir: &Path, spec: &TinySpec) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// Builds a random-weight model of `spec`'s shape directly on `device`, never writing a file:
+/// weights drawn on the device (uniform, scaled as [`write_gguf`]'s, not the same values), the
+/// projections held as `weights` (F16 or F32). For throughput at real shapes on a GPU, where
+/// writing and reading an 8B-shaped file would cost more than the measurement. The tokenizer
+/// and template are [`write_gguf`]'s.
+pub fn random_model(
+    spec: &TinySpec,
+    device: &Device,
+    weights: candle_core::DType,
+) -> Result<crate::Loaded> {
+    use crate::config::{Arch, ModelConfig};
+    use crate::llama::{Layer, Linear, Model, float_weight};
+
+    let vocab = spec.vocab();
+    let h = spec.hidden;
+    let hd = h / spec.heads;
+    let cfg = ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: vocab,
+        hidden: h,
+        intermediate: spec.intermediate,
+        layers: spec.layers,
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: hd,
+        rms_eps: 1e-5,
+        rope_theta: 10_000.0,
+        context_length: spec.context_length,
+        rope_interleaved: true,
+    }
+    .validate()?;
+    let uniform = |shape: (usize, usize), scale: f32| -> Result<Tensor> {
+        Ok(Tensor::rand(-scale, scale, shape, device)?)
+    };
+    let lin = |shape: (usize, usize), scale: f32| -> Result<Linear> {
+        Ok(Linear {
+            w: float_weight(uniform(shape, scale)?, weights)?,
+            b: None,
+        })
+    };
+    let norm = || -> Result<Tensor> { Ok((uniform((1, h), 0.2)? + 1.0)?.squeeze(0)?) };
+    let s = 1.0 / (h as f32).sqrt() * 1.7;
+    let sd = 1.0 / (spec.intermediate as f32).sqrt() * 1.7;
+    let mut layers = Vec::with_capacity(spec.layers);
+    for _ in 0..spec.layers {
+        layers.push(Layer {
+            attn_norm: norm()?,
+            wq: lin((spec.heads * hd, h), s)?,
+            wk: lin((spec.kv_heads * hd, h), s)?,
+            wv: lin((spec.kv_heads * hd, h), s)?,
+            wo: lin((h, spec.heads * hd), s)?,
+            ffn_norm: norm()?,
+            gate: lin((spec.intermediate, h), s)?,
+            up: lin((spec.intermediate, h), s)?,
+            down: lin((h, spec.intermediate), sd)?,
+        });
+    }
+    let model = Model::new(
+        cfg,
+        uniform((vocab, h), 1.0)?,
+        layers,
+        norm()?,
+        lin((vocab, h), 0.5)?,
+    )?;
+    let tokens = vocab_tokens(spec);
+    let specials = 256..256 + SPECIALS.len();
+    let types: Vec<i32> = (0..tokens.len())
+        .map(|i| if specials.contains(&i) { 3 } else { 1 })
+        .collect();
+    let tokenizer = crate::Tokenizer::new(
+        tokens,
+        &types,
+        &[],
+        crate::PreTokenizer::from_gguf_name("gpt-2"),
+        Some(257),
+        Some(258),
+        false,
+    )?;
+    let template = crate::ChatTemplate::new(CHATML, SPECIALS[0], SPECIALS[0])?;
+    Ok(crate::Loaded {
+        model,
+        tokenizer,
+        template: Some(template),
+    })
+}

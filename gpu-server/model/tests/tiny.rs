@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::Tensor;
@@ -273,4 +275,154 @@ fn real_shapes_are_written_and_load_with_their_dimensions() {
     );
     assert_eq!((big.intermediate, big.vocab_size), (14_336, 128_256));
     assert!(TinySpec::shape("gpt-5", GgmlDType::Q4_0, 3).is_none());
+}
+
+#[test]
+fn weights_can_be_dequantized_at_load() {
+    // F32 weights loaded as they are, dequantized "to F32" and to F16: the same model, to
+    // within f16 rounding for the last.
+    let p = tmp("tiny-float.gguf");
+    write_gguf(
+        &p,
+        &TinySpec {
+            dtype: GgmlDType::F32,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let with = |weights| {
+        kvmesh_gpu_server_model::load_with(
+            &p,
+            kvmesh_gpu_server_model::LoadOptions {
+                weights,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let native = with(None);
+    let f32w = with(Some(candle_core::DType::F32));
+    let f16w = with(Some(candle_core::DType::F16));
+    let logits = |m: &Loaded| {
+        let mut pool = KvPool::for_model(&m.model, 4, 16).unwrap();
+        run(m, &mut pool, &prompt(24), &[10, 14], &[0, 1])
+    };
+    let base = logits(&native);
+    assert_eq!(max_abs_diff(&base, &logits(&f32w)).unwrap(), 0.0);
+    let d16 = max_abs_diff(&base, &logits(&f16w)).unwrap();
+    assert!(d16 > 0.0 && d16 < 0.05, "f16 weights differ by {d16}");
+    // A projection's bytes follow its type: f16 is half of f32.
+    assert_eq!(
+        native.model.projection_bytes(),
+        2 * f16w.model.projection_bytes()
+    );
+    std::fs::remove_file(&p).unwrap();
+}
+
+#[test]
+fn random_models_are_built_in_memory_at_a_shape() {
+    let spec = TinySpec::shape("tiny", GgmlDType::F32, 1).unwrap();
+    let m = kvmesh_gpu_server_model::tiny::random_model(
+        &spec,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let c = m.model.config();
+    assert_eq!((c.layers, c.hidden, c.heads, c.kv_heads), (2, 64, 4, 2));
+    // Seven projections a layer plus the head, f32.
+    let per_layer = 64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3;
+    assert_eq!(
+        m.model.projection_bytes(),
+        4 * (2 * per_layer + c.vocab_size * 64)
+    );
+    let mut pool = KvPool::for_model(&m.model, 2, 16).unwrap();
+    assert!(!pool.on_device());
+    let logits = run(&m, &mut pool, &prompt(20), &[12, 8], &[0, 1]);
+    assert_eq!(logits.dims(), &[20, c.vocab_size]);
+    let v = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+    assert_eq!(m.tokenizer.encode("ab").unwrap(), vec![97, 98]);
+}
+
+#[test]
+fn devices_are_named() {
+    assert!(kvmesh_gpu_server_model::device("cpu").unwrap().is_cpu());
+    let bad = kvmesh_gpu_server_model::device("tpu").unwrap_err();
+    assert!(bad.to_string().contains("cpu, cuda or cuda:N"), "{bad}");
+    assert!(kvmesh_gpu_server_model::device("cuda:x").is_err());
+    #[cfg(not(feature = "cuda"))]
+    {
+        let e = kvmesh_gpu_server_model::device("cuda").unwrap_err();
+        assert!(e.to_string().contains("--features cuda"), "{e}");
+    }
+}
+
+#[test]
+fn tensor_rows_pool_equals_host_pool() {
+    // The GPU's way of keeping and reading the pool (one scatter, one gather a layer, decode
+    // batched over padded contexts), run on the CPU: the same logits as the host pool's path.
+    let m = tiny(GgmlDType::F32);
+    let cfg = m.model.config();
+    let mut host = KvPool::new(cfg, 8, 16);
+    let mut rows = KvPool::new_rows(cfg, 8, 16, &candle_core::Device::Cpu).unwrap();
+    assert!(rows.on_device() && !host.on_device());
+    let (pa, pb) = (prompt(40), prompt(23));
+    let a = common::two_sequences(&m, &mut host, &pa, &pb);
+    let b = common::two_sequences(&m, &mut rows, &pa, &pb);
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let d = max_abs_diff(x, y).unwrap();
+        assert!(d < 1e-4, "output {i}: host and tensor pools differ by {d}");
+    }
+    // One sequence decoding alone (no padding, so no mask) after the batch.
+    let one = |pool: &mut KvPool| {
+        m.model
+            .forward(
+                &[SeqInput {
+                    tokens: &[7],
+                    start: 40,
+                    blocks: &[0, 1, 2],
+                    all_logits: true,
+                }],
+                pool,
+            )
+            .unwrap()
+    };
+    let d = max_abs_diff(&one(&mut host)[0], &one(&mut rows)[0]).unwrap();
+    assert!(
+        d < 1e-4,
+        "single decode: host and tensor pools differ by {d}"
+    );
+    // A block copied inside the tensor pool reads back as the original.
+    assert!(rows.copy_block(1, 7));
+    assert!(!rows.copy_block(1, 8));
+    let t = prompt(40);
+    let extra = |pool: &mut KvPool, blocks: &[u32]| {
+        m.model
+            .forward(
+                &[SeqInput {
+                    tokens: &t[37..40],
+                    start: 37,
+                    blocks,
+                    all_logits: true,
+                }],
+                pool,
+            )
+            .unwrap()
+    };
+    let same = extra(&mut rows, &[0, 1, 2]);
+    let copied = extra(&mut rows, &[0, 7, 2]);
+    assert!(max_abs_diff(&same[0], &copied[0]).unwrap() < 1e-5);
+    // Block ids outside the pool are refused, not read.
+    let outside = m.model.forward(
+        &[SeqInput {
+            tokens: &t[37..40],
+            start: 37,
+            blocks: &[0, 9, 2],
+            all_logits: false,
+        }],
+        &mut rows,
+    );
+    assert!(outside.is_err());
 }

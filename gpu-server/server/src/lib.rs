@@ -134,7 +134,17 @@ fn model_tag(path: &Path) -> std::io::Result<u64> {
 impl AppState {
     /// Loads the model at `path` and starts the engine.
     pub fn load(path: &Path, cfg: &ServerConfig) -> anyhow::Result<Arc<Self>> {
-        let loaded = kvmesh_gpu_server_model::load(path)?;
+        Self::load_with(path, cfg, kvmesh_gpu_server_model::LoadOptions::default())
+    }
+
+    /// [`AppState::load`] with the device and weight type of `opts` (the KV pool goes on the
+    /// model's device).
+    pub fn load_with(
+        path: &Path,
+        cfg: &ServerConfig,
+        opts: kvmesh_gpu_server_model::LoadOptions,
+    ) -> anyhow::Result<Arc<Self>> {
+        let loaded = kvmesh_gpu_server_model::load_with(path, opts)?;
         let kv_bytes_per_token_f16 = loaded.model.config().kv_bytes_per_token_f16();
         let stop = loaded.tokenizer.stop_ids.clone();
         let block_bytes = kv_bytes_per_token_f16 * cfg.engine.block_tokens;

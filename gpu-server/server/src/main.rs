@@ -8,6 +8,7 @@ use anyhow::Context;
 use candle_core::quantized::GgmlDType;
 use clap::{Parser, Subcommand};
 use kvmesh_gpu_server_engine::{EngineConfig, FetchPolicy};
+use kvmesh_gpu_server_model::LoadOptions;
 use kvmesh_gpu_server_model::tiny::{self, TinySpec};
 use kvmesh_gpu_server_server::reporter::{ReportTarget, StateReporter};
 use kvmesh_gpu_server_server::{AppState, KvTiers, ServerConfig, serve};
@@ -84,6 +85,23 @@ struct Cli {
     /// Completion length when a request sets none.
     #[arg(long, default_value_t = 256)]
     max_tokens_default: usize,
+    /// Compute device of the model and its KV pool: `cpu`, or `cuda` / `cuda:N` in a build
+    /// with the `cuda` feature.
+    #[arg(long, env = "KVMESH_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Type of the projection weights: `native` keeps the file's (quantized stays quantized);
+    /// `f16` or `f32` dequantizes at load.
+    #[arg(long, default_value = "native", value_parser = ["native", "f16", "f32"])]
+    weights: String,
+}
+
+/// `--weights` as the model loader takes it.
+fn weights_dtype(name: &str) -> Option<candle_core::DType> {
+    match name {
+        "f16" => Some(candle_core::DType::F16),
+        "f32" => Some(candle_core::DType::F32),
+        _ => None,
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -160,7 +178,12 @@ async fn main() -> anyhow::Result<()> {
             },
         },
     };
-    let state = AppState::load(&cli.model, &cfg)
+    let opts = LoadOptions {
+        device: kvmesh_gpu_server_model::device(&cli.device)?,
+        weights: weights_dtype(&cli.weights),
+        ..LoadOptions::default()
+    };
+    let state = AppState::load_with(&cli.model, &cfg, opts)
         .with_context(|| format!("loading {}", cli.model.display()))?;
     let mut listen = cli.listen;
     if let Some(port) = cli.port {
