@@ -156,7 +156,7 @@ impl Model {
             freqs.extend(inv.iter().map(|f| p as f32 * f));
         }
         let freqs = Tensor::from_vec(freqs, (n, half), &device)?;
-        Ok(Self {
+        let model = Self {
             cos: freqs.cos()?.to_dtype(act)?,
             sin: freqs.sin()?.to_dtype(act)?,
             cfg,
@@ -166,7 +166,11 @@ impl Model {
             lm_head,
             device,
             act,
-        })
+        };
+        // candle's CUDA device queues work on the calling thread's stream, and the engine runs
+        // the model from another thread: every weight must be in place before that.
+        model.device.synchronize()?;
+        Ok(model)
     }
 
     pub fn config(&self) -> &ModelConfig {
