@@ -83,17 +83,18 @@ impl HostMemory {
     }
 }
 
-/// The copier for `pool`: memcpy for a host pool, CUDA streams and pinned memory for a GPU one.
-fn copier_for(pool: &KvPool) -> Box<dyn BlockCopier> {
-    #[cfg(feature = "cuda")]
-    if pool.on_device() {
-        match crate::cuda::CudaCopier::new(pool) {
-            Ok(c) => return Box::new(c),
-            Err(e) => tracing::error!("KV tier copies on the GPU unavailable: {e}"),
-        }
+/// The copier for `pool`: memcpy for a host pool, CUDA streams and pinned memory for a GPU one;
+/// `None` when the pool's blocks cannot be copied (then the lower tiers stay off).
+fn copier_for(pool: &KvPool) -> Option<Box<dyn BlockCopier>> {
+    if !pool.on_device() {
+        return Some(Box::new(CpuCopier));
     }
-    let _ = pool;
-    Box::new(CpuCopier)
+    #[cfg(feature = "cuda")]
+    match crate::cuda::CudaCopier::new(pool) {
+        Ok(c) => return Some(Box::new(c)),
+        Err(e) => tracing::warn!("KV tier copies on the GPU unavailable: {e}"),
+    }
+    None
 }
 
 /// The CPU backend: the device pool is host memory, a copy is a `memcpy`.
@@ -207,7 +208,17 @@ impl Tiers {
     /// with a warning (the server keeps serving on two tiers).
     pub(crate) fn new(cfg: &TierConfig, pool: &KvPool) -> (Self, usize, usize, Vec<RestoredBlock>) {
         let block_bytes = pool.block_bytes_len();
-        let mut copier = copier_for(pool);
+        let copier = copier_for(pool);
+        let copies = copier.is_some();
+        let mut copier = copier.unwrap_or_else(|| Box::new(CpuCopier));
+        if !copies && (cfg.host_blocks > 0 || cfg.disk_blocks > 0) {
+            tracing::warn!("HOST and DISK KV tiers off: this pool's blocks cannot be copied");
+        }
+        let cfg = &TierConfig {
+            host_blocks: if copies { cfg.host_blocks } else { 0 },
+            disk_blocks: if copies { cfg.disk_blocks } else { 0 },
+            ..cfg.clone()
+        };
         let host = (cfg.host_blocks > 0).then(|| HostPool {
             block_bytes,
             data: copier.host_memory(cfg.host_blocks * block_bytes),
@@ -532,5 +543,44 @@ impl Tiers {
 
     pub(crate) fn block_bytes(&self) -> usize {
         self.block_bytes
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
+mod tests {
+    use kvmesh_gpu_server_model::{Arch, ModelConfig};
+
+    use super::*;
+
+    #[test]
+    fn lower_tiers_stay_off_when_the_pool_cannot_be_copied() {
+        let cfg = ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 300,
+            hidden: 64,
+            intermediate: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            rms_eps: 1e-5,
+            rope_theta: 1e4,
+            context_length: 256,
+            rope_interleaved: true,
+        };
+        let tc = TierConfig {
+            host_blocks: 4,
+            ..TierConfig::default()
+        };
+        // A host pool's blocks are copied with memcpy.
+        let (_, host, _, _) = Tiers::new(&tc, &KvPool::new(&cfg, 4, 16));
+        assert_eq!(host, 4);
+        // Tensor rows with no copier for them (on the CPU here; a GPU pool whose copy stream
+        // could not be made): no HOST tier rather than copies that fail.
+        let rows = KvPool::new_rows(&cfg, 4, 16, &candle_core::Device::Cpu).unwrap();
+        let (tiers, host, disk, _) = Tiers::new(&tc, &rows);
+        assert_eq!((host, disk), (0, 0));
+        assert!(tiers.host.is_none());
     }
 }
