@@ -126,6 +126,12 @@ fn wait(mut rx: mpsc::UnboundedReceiver<Event>, t0: Instant) -> Timing {
     t
 }
 
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn stats(mut v: Vec<f64>) -> Value {
     v.sort_by(f64::total_cmp);
     json!({"median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1], "n": v.len()})
@@ -306,23 +312,14 @@ fn host_restore(args: &Args, model: &Arc<kvmesh_gpu_server_model::Model>, stop: 
         same &= ids == first_ids[r % 2];
     }
     let st = e.status();
-    let r_med = {
-        let mut v = recompute.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let s_med = {
-        let mut v = restore.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let speedup = median(&recompute) / median(&restore);
     json!({
         "tokens": n,
         "recompute_ttft_ms": stats(recompute),
         "host_restore_ttft_ms": stats(restore),
         "cached_tokens": cached,
         "restored_token_equals_recomputed": same,
-        "speedup_median": r_med / s_med,
+        "speedup_median": speedup,
         "tiers": st.tiers.iter().filter(|t| t.enabled).map(|t| json!({
             "tier": t.tier, "counters": t.counters, "bytes": t.bytes,
         })).collect::<Vec<_>>(),
@@ -400,10 +397,6 @@ fn copy_peaks(model: &kvmesh_gpu_server_model::Model) -> anyhow::Result<Value> {
     };
     let stream = dev.cuda_stream();
     let ctx = stream.context().clone();
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        json!({"median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1], "n": v.len()})
-    };
     let gb = |bytes: usize, secs: f64| bytes as f64 / secs / 1e9;
     // Device to device: 1 GiB, bytes read plus written.
     let n = 1usize << 30;
@@ -471,20 +464,15 @@ fn copy_peaks(model: &kvmesh_gpu_server_model::Model) -> anyhow::Result<Value> {
             t2d.push(gb(blocks as usize * bb, t.elapsed().as_secs_f64()));
         }
     }
-    let m = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     Ok(json!({
-        "d2d_gb_per_s_read_plus_written": med(d2d),
-        "pinned_h2d_gb_per_s": med(h2d.clone()),
-        "pinned_d2h_gb_per_s": med(d2h.clone()),
+        "d2d_gb_per_s_read_plus_written": stats(d2d),
+        "tier_to_host_of_peak": median(&t2h) / median(&d2h),
+        "tier_to_device_of_peak": median(&t2d) / median(&h2d),
+        "pinned_h2d_gb_per_s": stats(h2d),
+        "pinned_d2h_gb_per_s": stats(d2h),
         "tier_block_bytes": bb,
-        "tier_to_host_gb_per_s": med(t2h.clone()),
-        "tier_to_device_gb_per_s": med(t2d.clone()),
-        "tier_to_host_of_peak": m(&t2h) / m(&d2h),
-        "tier_to_device_of_peak": m(&t2d) / m(&h2d),
+        "tier_to_host_gb_per_s": stats(t2h),
+        "tier_to_device_gb_per_s": stats(t2d),
     }))
 }
 
