@@ -8,6 +8,8 @@
 //! `kvmesh-gpu-server-kv`); this crate only reads and writes the slots it is told to.
 
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod gguf;
 mod llama;
 mod pool;

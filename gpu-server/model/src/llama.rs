@@ -6,6 +6,8 @@ use candle_nn::ops::{rms_norm, silu, softmax_last_dim};
 use candle_nn::rotary_emb::{rope, rope_i};
 
 use crate::config::ModelConfig;
+#[cfg(feature = "cuda")]
+use crate::cuda::{GEMV_ROWS, Kernels};
 use crate::pool::KvPool;
 use crate::q4_1::Q41Matrix;
 use crate::{ModelError, Result};
@@ -81,6 +83,73 @@ pub(crate) struct Layer {
     pub(crate) down: Linear,
 }
 
+/// q|k|v and gate|up of one layer each in one weight, so that a GPU runs one product where it
+/// ran three or two; the layer's own projections are views into them (no second copy).
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct Fused {
+    pub(crate) qkv: Linear,
+    pub(crate) gate_up: Linear,
+}
+
+impl Fused {
+    /// Fuses a layer whose projections are float tensors of one type, with biases on all of
+    /// them or none; `None` otherwise (quantized weights stay as they are).
+    fn new(l: &mut Layer) -> Result<Option<Self>> {
+        let Some(qkv) = fuse(&mut [&mut l.wq, &mut l.wk, &mut l.wv])? else {
+            return Ok(None);
+        };
+        let Some(gate_up) = fuse(&mut [&mut l.gate, &mut l.up])? else {
+            return Ok(None);
+        };
+        Ok(Some(Self { qkv, gate_up }))
+    }
+}
+
+/// Concatenates projections along their outputs and points each at its rows of the result.
+fn fuse(parts: &mut [&mut Linear]) -> Result<Option<Linear>> {
+    let mut ws = Vec::with_capacity(parts.len());
+    let mut f16 = None;
+    for p in parts.iter() {
+        let (w, is_f16) = match &p.w {
+            Weight::Candle(QMatMul::Tensor(w)) => (w, false),
+            Weight::Candle(QMatMul::TensorF16(w)) => (w, true),
+            _ => return Ok(None),
+        };
+        if *f16.get_or_insert(is_f16) != is_f16 || w.rank() != 2 {
+            return Ok(None);
+        }
+        ws.push(w.clone());
+    }
+    let with_bias = parts.iter().filter(|p| p.b.is_some()).count();
+    if with_bias != 0 && with_bias != parts.len() {
+        return Ok(None);
+    }
+    let wrap = |t: Tensor| match f16 {
+        Some(true) => Weight::Candle(QMatMul::TensorF16(t)),
+        _ => Weight::Candle(QMatMul::Tensor(t)),
+    };
+    let cat = Tensor::cat(&ws, 0)?;
+    drop(ws);
+    let mut at = 0;
+    for p in parts.iter_mut() {
+        let rows = match &p.w {
+            Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dim(0)?,
+            _ => unreachable!("checked above"),
+        };
+        p.w = wrap(cat.narrow(0, at, rows)?);
+        at += rows;
+    }
+    let b = match with_bias {
+        0 => None,
+        _ => Some(Tensor::cat(
+            &parts.iter().filter_map(|p| p.b.clone()).collect::<Vec<_>>(),
+            0,
+        )?),
+    };
+    Ok(Some(Linear { w: wrap(cat), b }))
+}
+
 /// The weights of a Llama-architecture decoder. Immutable once loaded: every call gets the
 /// per-sequence state (tokens, positions, block table) and the KV pool from the caller.
 #[derive(Debug)]
@@ -96,6 +165,15 @@ pub struct Model {
     /// Type of the activations: F16 on a GPU when every projection is f16 (no casts around
     /// each matmul), F32 otherwise.
     act: DType,
+    /// Every layer's fused projections, on a GPU with float weights (empty otherwise).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fused: Vec<Fused>,
+    /// kvmesh's decode kernels, where they serve this model (a CUDA device, float weights).
+    #[cfg(feature = "cuda")]
+    kernels: Option<Kernels>,
+    /// Whether all-decode steps use the kernels (on by default; off runs candle's ops, the
+    /// baseline the benchmark compares with).
+    use_kernels: std::sync::atomic::AtomicBool,
 }
 
 /// One sequence's share of a forward step: run `tokens` at positions `start..`, reading KV of
@@ -146,6 +224,25 @@ impl Model {
             }
         }
         lm_head.b = lm_head.b.take().map(|b| b.to_dtype(act)).transpose()?;
+        let mut fused = Vec::new();
+        if !device.is_cpu() {
+            for l in &mut layers {
+                match Fused::new(l)? {
+                    Some(f) => fused.push(f),
+                    None => break,
+                }
+            }
+            if fused.len() != layers.len() {
+                fused.clear();
+            }
+        }
+        #[cfg(feature = "cuda")]
+        let kernels = match &device {
+            Device::Cuda(dev) if !fused.is_empty() && Kernels::serve(&cfg, act) => {
+                Some(Kernels::new(dev)?)
+            }
+            _ => None,
+        };
         let half = cfg.head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
@@ -166,6 +263,10 @@ impl Model {
             lm_head,
             device,
             act,
+            fused,
+            #[cfg(feature = "cuda")]
+            kernels,
+            use_kernels: std::sync::atomic::AtomicBool::new(true),
         };
         // candle's CUDA device queues work on the calling thread's stream, and the engine runs
         // the model from another thread: every weight must be in place before that.
@@ -187,6 +288,82 @@ impl Model {
             .map(|lin| lin.w.bytes())
             .sum();
         layers + self.lm_head.w.bytes()
+    }
+
+    /// Whether all-decode steps run on kvmesh's CUDA kernels (a `cuda` build, a GPU, float
+    /// weights, and not turned off by [`Model::set_decode_kernels`]).
+    pub fn decode_kernels(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.kernels.is_some() && self.use_kernels.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// Turns the decode kernels off (candle's ops run every step, as before them) or back on.
+    pub fn set_decode_kernels(&self, on: bool) {
+        self.use_kernels
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[cfg(feature = "cuda")]
+    fn kernels(&self) -> Option<&Kernels> {
+        self.kernels.as_ref().filter(|_| self.decode_kernels())
+    }
+
+    /// A projection: kvmesh's matrix-vector kernel for a few rows on a GPU, candle otherwise.
+    fn project(&self, lin: &Linear, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (Some(k), Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w))) =
+            (self.kernels(), &lin.w)
+            && x.dim(0)? <= GEMV_ROWS
+            && let Some(y) = k.gemv(x, w)?
+        {
+            return Ok(match &lin.b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
+        lin.forward(x)
+    }
+
+    /// An all-decode step on the kernels: nine launches a layer (see `cuda.rs`). Returns the
+    /// final-normed rows, one a sequence, or `None` where the kernels do not serve the batch.
+    #[cfg(feature = "cuda")]
+    fn decode_on_kernels(
+        &self,
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        plan: Option<&DevicePlan>,
+        pool: &KvPool,
+    ) -> Result<std::result::Result<Tensor, Tensor>> {
+        let (Some(k), Some(plan), Some(rows)) = (self.kernels(), plan, pool.device_rows()) else {
+            return Ok(Err(x));
+        };
+        let Some(dec) = &plan.decode else {
+            return Ok(Err(x));
+        };
+        if !matches!(rows.device(), Device::Cuda(_)) {
+            return Ok(Err(x));
+        }
+        let cfg = &self.cfg;
+        let eps = cfg.rms_eps as f32;
+        let mut h = rms_norm(&x, &self.layers[0].attn_norm, eps)?;
+        let mut x = x;
+        for (l, (layer, f)) in self.layers.iter().zip(&self.fused).enumerate() {
+            let qkv = self.project(&f.qkv, &h)?;
+            let q = k.rope_write(cfg, &qkv, cos, sin, rows, &plan.rows.get(l)?)?;
+            let attn = k.attention(cfg, &q, rows, &dec.gather.get(l)?, &dec.lens, dec.c)?;
+            let o = self.project(&layer.wo, &attn)?;
+            let (s, n) = k.add_rms_norm(&x, &o, &layer.ffn_norm, eps)?;
+            let a = k.silu_mul(&self.project(&f.gate_up, &n)?)?;
+            let d = self.project(&layer.down, &a)?;
+            let next = self.layers.get(l + 1).map_or(&self.norm, |n| &n.attn_norm);
+            (x, h) = k.add_rms_norm(&s, &d, next, eps)?;
+        }
+        Ok(Ok(h))
     }
 
     /// Where the weights live (a KV pool for this model goes there too).
@@ -229,7 +406,7 @@ impl Model {
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let x = self.embed.index_select(&ids, 0)?;
         let eps = cfg.rms_eps as f32;
         let plan = match pool.on_device() {
             true => Some(DevicePlan::new(batch, pool, &self.device, self.act)?),
@@ -240,6 +417,12 @@ impl Model {
             .iter()
             .map(|s| causal_mask(s.start, s.tokens.len(), &self.device, self.act))
             .collect::<Result<Vec<_>>>()?;
+        #[cfg(feature = "cuda")]
+        let x = match self.decode_on_kernels(x, &cos, &sin, plan.as_ref(), pool)? {
+            Ok(normed) => return self.logits(&normed, vec![1; batch.len()]),
+            Err(x) => x,
+        };
+        let mut x = x;
         let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
@@ -303,10 +486,16 @@ impl Model {
         }
         let rows = Tensor::new(rows.as_slice(), &self.device)?;
         let x = rms_norm(&x.index_select(&rows, 0)?, &self.norm, eps)?;
-        let logits = self.lm_head.forward(&x)?;
+        self.logits(&x, counts)
+    }
+
+    /// The output head over final-normed rows, copied to the host and split `counts` rows a
+    /// sequence.
+    fn logits(&self, x: &Tensor, counts: Vec<usize>) -> Result<Vec<Tensor>> {
+        let logits = self.project(&self.lm_head, x)?;
         // Sampling runs on the CPU: one copy of every row wanted, not one per sequence.
         let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let mut out = Vec::with_capacity(batch.len());
+        let mut out = Vec::with_capacity(counts.len());
         let mut at = 0;
         for c in counts {
             out.push(logits.narrow(0, at, c)?);
@@ -360,7 +549,10 @@ impl Model {
         };
         let src = Tensor::cat(&[k_rows, v_rows], 0)?.to_dtype(DType::F16)?;
         rows.scatter_set(&plan.write.get(layer)?, &src, 0)?;
-        if let Some((gather, mask, c)) = &plan.decode {
+        if let Some(Decode {
+            gather, mask, c, ..
+        }) = &plan.decode
+        {
             let b = batch.len();
             let kv = rows
                 .index_select(&gather.get(layer)?, 0)?
@@ -455,12 +647,26 @@ struct DevicePlan {
     /// `(layers, 2T, kv_dim)`: the K rows then the V rows of every token, repeated along a row
     /// (the scatter takes an index per element).
     write: Tensor,
-    /// An all-decode batch: `(layers, 2BC)`, the K rows then the V rows of each sequence's
-    /// context padded to the longest (`C`); the additive mask `(B, 1, 1, C)` hiding the padding
-    /// (none when every context is `C` long); and `C`.
-    decode: Option<(Tensor, Option<Tensor>, usize)>,
+    /// `(layers, 2T)`: the same rows once each (the decode kernels write whole rows).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    rows: Tensor,
+    /// An all-decode batch's reads.
+    decode: Option<Decode>,
     /// Otherwise per sequence, for layer 0: its K rows then V rows of positions `0..ctx`.
     per_seq: Vec<Tensor>,
+}
+
+/// What an all-decode batch reads of the pool.
+struct Decode {
+    /// `(layers, 2BC)`: the K rows then the V rows of each sequence's context padded to the
+    /// longest (`C`).
+    gather: Tensor,
+    /// The additive mask `(B, 1, 1, C)` hiding the padding (none when every context is `C`).
+    mask: Option<Tensor>,
+    c: usize,
+    /// `(B)`: each sequence's context length.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lens: Tensor,
 }
 
 impl DevicePlan {
@@ -499,6 +705,8 @@ impl DevicePlan {
                 .broadcast_add(&shift)?
                 .contiguous()?)
         };
+        let rows: Vec<u32> = write.iter().step_by(d).copied().collect();
+        let rows = every(Tensor::from_vec(rows, (2 * t, 1), device)?)?.squeeze(2)?;
         let write = every(Tensor::from_vec(write, (2 * t, d), device)?)?;
         let ctx = |s: &SeqInput<'_>| s.start + s.tokens.len();
         if batch.iter().all(|s| s.tokens.len() == 1) {
@@ -522,9 +730,16 @@ impl DevicePlan {
             };
             let n = gather.len();
             let gather = every(Tensor::from_vec(gather, (1, n), device)?)?.squeeze(1)?;
+            let lens: Vec<u32> = batch.iter().map(|s| ctx(s) as u32).collect();
             return Ok(Self {
                 write,
-                decode: Some((gather, mask, c)),
+                rows,
+                decode: Some(Decode {
+                    gather,
+                    mask,
+                    c,
+                    lens: Tensor::new(lens.as_slice(), device)?,
+                }),
                 per_seq: Vec::new(),
             });
         }
@@ -540,6 +755,7 @@ impl DevicePlan {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             write,
+            rows,
             decode: None,
             per_seq,
         })
@@ -567,4 +783,61 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         .max(D::Minus1)?
         .max_all()?
         .to_scalar::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests may unwrap (workspace rule)
+
+    use super::*;
+    use crate::tiny::{TinySpec, random_model};
+
+    /// Fusing a layer's q|k|v and gate|up changes none of its projections (each becomes a view
+    /// of its rows in the fused weight), and a fused product is the separate ones side by side.
+    #[test]
+    fn fused_projections_equal_the_separate_ones() {
+        let mut m = random_model(&TinySpec::default(), &Device::Cpu, DType::F32)
+            .unwrap()
+            .model;
+        let x = Tensor::rand(-1f32, 1f32, (3, m.cfg.hidden), &Device::Cpu).unwrap();
+        let outs = |l: &Layer| -> Vec<Tensor> {
+            [&l.wq, &l.wk, &l.wv, &l.gate, &l.up]
+                .into_iter()
+                .map(|p| p.forward(&x).unwrap())
+                .collect()
+        };
+        let before: Vec<Vec<Tensor>> = m.layers.iter().map(outs).collect();
+        let bytes = m.projection_bytes();
+        for (l, before) in m.layers.iter_mut().zip(&before) {
+            let f = Fused::new(l).unwrap().expect("float weights fuse");
+            let after = outs(l);
+            for (a, b) in after.iter().zip(before) {
+                assert_eq!(max_abs_diff(a, b).unwrap(), 0.0);
+            }
+            let qkv = Tensor::cat(&before[..3], 1).unwrap();
+            let gate_up = Tensor::cat(&before[3..], 1).unwrap();
+            assert!(max_abs_diff(&f.qkv.forward(&x).unwrap(), &qkv).unwrap() < 1e-5);
+            assert!(max_abs_diff(&f.gate_up.forward(&x).unwrap(), &gate_up).unwrap() < 1e-5);
+        }
+        // Views: the weights' bytes are counted (and held) once.
+        assert_eq!(m.projection_bytes(), bytes);
+    }
+
+    /// Quantized weights are left alone.
+    #[test]
+    fn quantized_weights_do_not_fuse() {
+        let mut m = random_model(&TinySpec::default(), &Device::Cpu, DType::F32)
+            .unwrap()
+            .model;
+        let l = &mut m.layers[0];
+        let w = match &l.wk.w {
+            Weight::Candle(QMatMul::Tensor(w)) => w.clone(),
+            _ => unreachable!("f32 weights"),
+        };
+        let q =
+            candle_core::quantized::QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0)
+                .unwrap();
+        l.wk.w = Weight::Candle(QMatMul::QTensor(std::sync::Arc::new(q)));
+        assert!(Fused::new(l).unwrap().is_none());
+    }
 }

@@ -1,6 +1,7 @@
 //! The decoder on a GPU (a build with the `cuda` feature, on a machine with one): the same
 //! logits as the CPU on the same F32 weights, paged and chunked, batched decode included, and a
-//! cached prefix equals recomputing it. Without a GPU the tests print SKIP and return (set
+//! cached prefix equals recomputing it; decode steps on kvmesh's kernels equal candle's ops.
+//! Without a GPU the tests print SKIP and return (set
 //! `KVMESH_REQUIRE_GPU=1` to make that a failure).
 
 #![cfg(feature = "cuda")]
@@ -123,4 +124,60 @@ fn gpu_cached_prefix_equals_recompute() {
     // A block copied on the device (the engine's private copy of a shared last block).
     assert!(two.copy_block(1, 7));
     assert!(!two.copy_block(1, 8));
+}
+
+/// Decode steps on kvmesh's kernels against candle's ops on the same weights and KV, batched
+/// and alone, over contexts of one and several attention chunks (256 positions each).
+#[test]
+fn gpu_decode_kernels_equal_candle_ops() {
+    let Some(dev) = gpu() else { return };
+    let (_, m) = pair(&dev);
+    assert!(
+        m.model.decode_kernels(),
+        "F32 weights on a GPU decode on the kernels"
+    );
+    let lens = [3usize, 255, 600];
+    let per: Vec<u32> = lens.iter().map(|n| (n + 1).div_ceil(16) as u32).collect();
+    let mut pool = KvPool::for_model(&m.model, per.iter().sum::<u32>() as usize, 16).unwrap();
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for n in &per {
+        tables.push((next..next + n).collect::<Vec<u32>>());
+        next += n;
+    }
+    let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| prompt(n + 1, n)).collect();
+    for i in 0..lens.len() {
+        let s = SeqInput {
+            tokens: &prompts[i][..lens[i]],
+            start: 0,
+            blocks: &tables[i],
+            all_logits: false,
+        };
+        m.model.forward(&[s], &mut pool).unwrap();
+    }
+    for which in [vec![0usize, 1, 2], vec![2], vec![1]] {
+        let step = |pool: &mut KvPool, on: bool| {
+            m.model.set_decode_kernels(on);
+            let batch: Vec<SeqInput<'_>> = which
+                .iter()
+                .map(|&i| SeqInput {
+                    tokens: &prompts[i][lens[i]..],
+                    start: lens[i],
+                    blocks: &tables[i],
+                    all_logits: false,
+                })
+                .collect();
+            m.model.forward(&batch, pool).unwrap()
+        };
+        let (k, c) = (step(&mut pool, true), step(&mut pool, false));
+        m.model.set_decode_kernels(true);
+        for ((a, b), &i) in k.iter().zip(&c).zip(&which) {
+            let d = max_abs_diff(a, b).unwrap();
+            assert!(
+                d < 1e-3,
+                "context {}: kernels and candle differ by {d}",
+                lens[i] + 1
+            );
+        }
+    }
 }

@@ -66,9 +66,18 @@ struct Args {
     /// differ), and prefix-cached prefill against recompute.
     #[arg(long)]
     check_cpu: bool,
-    /// Skip the throughput measurements (with --check-cpu, --copy-peaks or --host-restore).
+    /// Skip the throughput measurements (with --check-cpu, --check-kernels, --copy-peaks or
+    /// --host-restore).
     #[arg(long)]
     no_throughput: bool,
+    /// kvmesh's CUDA decode kernels: `on` (the default), `off` (candle's ops), or `both`: the
+    /// throughput measured with each, side by side in one run.
+    #[arg(long, default_value = "on", value_parser = ["on", "off", "both"])]
+    kernels: String,
+    /// Logits of decode steps on the kernels against candle's ops on the same weights and KV
+    /// (exit 1 if they disagree).
+    #[arg(long)]
+    check_kernels: bool,
 }
 
 struct Timing {
@@ -328,6 +337,80 @@ fn host_restore(args: &Args, model: &Arc<kvmesh_gpu_server_model::Model>, stop: 
 
 /// Greedy tokens on `device` and on the CPU, F32 weights on both, for a few prompts; and on
 /// `device`, a prompt's tokens recomputed against served from the prefix cache.
+/// One decode step over sequences whose contexts span one and several attention chunks, run on
+/// the decode kernels and again on candle's ops: the logits must agree to the activations'
+/// rounding and pick the same greedy token.
+fn check_kernels(model: &kvmesh_gpu_server_model::Model) -> anyhow::Result<(Value, bool)> {
+    use kvmesh_gpu_server_model::{KvPool, SeqInput, max_abs_diff};
+    if !model.decode_kernels() {
+        return Ok((json!({"used": false}), true));
+    }
+    let bt = 16;
+    let lens = [5usize, 300, 700];
+    let per: Vec<usize> = lens.iter().map(|n| (n + 1).div_ceil(bt)).collect();
+    let mut pool = KvPool::for_model(model, per.iter().sum(), bt)?;
+    let vocab = model.config().vocab_size;
+    let mut tables = Vec::new();
+    let mut next = 0u32;
+    for &n in &per {
+        tables.push((next..next + n as u32).collect::<Vec<u32>>());
+        next += n as u32;
+    }
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| tokens(n + 1, 7 + i, vocab))
+        .collect();
+    for ((p, n), blocks) in prompts.iter().zip(lens).zip(&tables) {
+        let s = SeqInput {
+            tokens: &p[..n],
+            start: 0,
+            blocks,
+            all_logits: false,
+        };
+        model.forward(&[s], &mut pool)?;
+    }
+    let step = |pool: &mut KvPool,
+                which: &[usize],
+                on: bool|
+     -> anyhow::Result<Vec<candle_core::Tensor>> {
+        model.set_decode_kernels(on);
+        let batch: Vec<SeqInput<'_>> = which
+            .iter()
+            .map(|&i| SeqInput {
+                tokens: &prompts[i][lens[i]..],
+                start: lens[i],
+                blocks: &tables[i],
+                all_logits: false,
+            })
+            .collect();
+        let out = model.forward(&batch, pool);
+        model.set_decode_kernels(true);
+        Ok(out?)
+    };
+    let mut ok = true;
+    let mut rows = Vec::new();
+    for which in [vec![0usize, 1, 2], vec![2], vec![0]] {
+        let k = step(&mut pool, &which, true)?;
+        let c = step(&mut pool, &which, false)?;
+        for ((a, b), &i) in k.iter().zip(&c).zip(&which) {
+            let diff = max_abs_diff(a, b)?;
+            let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+            let argmax = |t: &candle_core::Tensor| -> anyhow::Result<u32> {
+                Ok(t.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
+            };
+            let same = argmax(a)? == argmax(b)?;
+            let pass = same && diff <= 1e-2 * scale.max(1.0);
+            ok &= pass;
+            rows.push(json!({
+                "batch": which.len(), "context": lens[i] + 1, "max_abs_diff": diff,
+                "max_abs_logit": scale, "same_greedy_token": same, "pass": pass,
+            }));
+        }
+    }
+    Ok((json!({"used": true, "steps": rows, "all_pass": ok}), ok))
+}
+
 fn check_cpu(args: &Args, device: &candle_core::Device) -> anyhow::Result<(Value, bool)> {
     let opts = |d: &candle_core::Device| LoadOptions {
         fast_q4_1: false,
@@ -340,6 +423,7 @@ fn check_cpu(args: &Args, device: &candle_core::Device) -> anyhow::Result<(Value
     let engine = |m: kvmesh_gpu_server_model::Model, stop: Vec<u32>| {
         Engine::start(Arc::new(m), stop, EngineConfig::default())
     };
+    let ed_kernels = dev.model.decode_kernels();
     let ec = engine(cpu.model, cpu.tokenizer.stop_ids.clone());
     let ed = engine(dev.model, dev.tokenizer.stop_ids.clone());
     let texts = [
@@ -375,6 +459,7 @@ fn check_cpu(args: &Args, device: &candle_core::Device) -> anyhow::Result<(Value
     ok &= cached_ok;
     let v = json!({
         "weights": "f32 on both",
+        "device_decode_kernels": ed_kernels,
         "prompts": rows,
         "prefix_cache": {
             "prompt_tokens": p.len(),
@@ -497,7 +582,7 @@ fn main() -> anyhow::Result<()> {
         ok &= pass;
         out.insert("check_cpu".into(), v);
     }
-    if !args.no_throughput || args.copy_peaks || args.host_restore {
+    if !args.no_throughput || args.copy_peaks || args.host_restore || args.check_kernels {
         let t = Instant::now();
         let loaded = load(&args, &device, &args.weights)?;
         let model = Arc::new(loaded.model);
@@ -524,8 +609,24 @@ fn main() -> anyhow::Result<()> {
             }
             out.insert("copy_peaks".into(), v);
         }
+        out.insert("decode_kernels".into(), json!(model.decode_kernels()));
+        if args.check_kernels {
+            let (v, pass) = check_kernels(&model)?;
+            ok &= pass;
+            out.insert("check_kernels".into(), v);
+        }
         if !args.no_throughput {
+            let on = args.kernels != "off";
+            model.set_decode_kernels(on);
             out.insert("throughput".into(), throughput(&args, &model, &stop));
+            if args.kernels == "both" {
+                model.set_decode_kernels(false);
+                out.insert(
+                    "throughput_candle_ops".into(),
+                    throughput(&args, &model, &stop),
+                );
+                model.set_decode_kernels(true);
+            }
         }
         if args.host_restore {
             out.insert("host_restore".into(), host_restore(&args, &model, &stop));
@@ -533,7 +634,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
     if !ok {
-        eprintln!("check-cpu: the device's tokens differ from the CPU's");
+        eprintln!("check failed: see check_cpu / check_kernels in the report");
         std::process::exit(1);
     }
     Ok(())
