@@ -4,7 +4,8 @@
 #   scripts/gpu-check.sh llama8b           the Llama-3.1-8B shape, random f16 weights made on the
 #       GPU: copy peaks and the HBM roofline, prefill and decode throughput at 1 and 32 streams,
 #       a 20,000-token prefix restored from the HOST tier against recomputing it; decode on
-#       kvmesh's kernels checked against candle's ops, and measured with each
+#       kvmesh's kernels checked against candle's ops, and measured with each; a decode step
+#       taken apart (--profile)
 #   scripts/gpu-check.sh smollm2 [GGUF]    SmolLM2's greedy tokens on the GPU against the CPU
 #       (F32 weights on both) and cached prefill against recompute, the decode kernels against
 #       candle's ops; then its GPU throughput
@@ -22,7 +23,7 @@ case "${1:-llama8b}" in
   llama8b)
     timeout 420 "$BIN" --device cuda --shape llama-3.1-8b --weights f16 --copy-peaks \
       --host-restore --streams 1,32 --reps 3 --long-tokens 2000 --num-blocks 4096 \
-      --kernels both --check-kernels \
+      --kernels both --check-kernels --profile \
       >"$OUT/llama8b.json" 2>"$OUT/llama8b.log" || status=1
     cat "$OUT/llama8b.json"; tail -n 20 "$OUT/llama8b.log"
     ;;

@@ -265,8 +265,13 @@ impl Kernels {
         let funcs = self.funcs(dtype)?;
         let g = h / kh;
         let chunks = c.div_ceil(CHUNK).max(1);
-        let groups = THREADS as usize / (d / 2);
-        let smem = 4 * (g * d + g * CHUNK + CHUNK + 2 * MAXG * 32 + groups * g * d);
+        // More threads, more positions of V in flight; as many as shared memory allows.
+        let smem = |threads: usize| {
+            let groups = threads / (d / 2);
+            4 * (g * d + g * CHUNK + CHUNK + 2 * MAXG * 32 + groups * g * d)
+        };
+        let threads = if smem(512) <= 48 * 1024 { 512 } else { 256 };
+        let smem = smem(threads);
         let (pq, ppool, pgather, plens) = (ptr(q)?, ptr(pool)?, ptr(gather)?, ptr(lens)?);
         let (out, pout) = self.empty(dtype, &[b, h * d])?;
         let part = match chunks {
@@ -278,7 +283,7 @@ impl Kernels {
         let scale = 1.0 / (d as f32).sqrt();
         let launch = LaunchConfig {
             grid_dim: (kh as u32, b as u32, chunks as u32),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let mut l = self.stream.launch_builder(&funcs.attention_chunk);
@@ -356,9 +361,11 @@ impl Kernels {
         let (sum, psum) = self.empty(dtype, &[t, e])?;
         let (normed, pnormed) = self.empty(dtype, &[t, e])?;
         let e32 = e as i32;
+        // A thread per 8 values at most (kernels.cu's NORM_PER_THREAD), up to 1024.
+        let threads = (e.div_ceil(8) as u32).div_ceil(32).clamp(1, 32) * 32;
         let launch = LaunchConfig {
             grid_dim: (t as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut l = self.stream.launch_builder(func);

@@ -138,11 +138,29 @@ __device__ void attention_chunk(const T* __restrict__ q, const __half* __restric
     for (int h = 0; h < MAXG; h++) s[h] = 0.f;
     if (i < n) {
       const __half* k = pool + (size_t)gather[(size_t)b * c + p0 + i] * kv_dim + (size_t)kh * d;
-      for (int j = 0; j < d; j += 2) {
-        const float2 kf = __half22float2(*reinterpret_cast<const __half2*>(k + j));
+      if ((d & 7) == 0) {
+        // The row in 16-byte loads, all issued before the sums wait on them.
+        const uint4* k16 = reinterpret_cast<const uint4*>(k);
+#pragma unroll 8
+        for (int j = 0; j < d / 8; j++) {
+          const uint4 raw = k16[j];
+          const __half2* kh2 = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
-        for (int h = 0; h < MAXG; h++)
-          if (h < g) s[h] += sq[h * d + j] * kf.x + sq[h * d + j + 1] * kf.y;
+          for (int e = 0; e < 4; e++) {
+            const float2 kf = __half22float2(kh2[e]);
+            const int at = 8 * j + 2 * e;
+#pragma unroll
+            for (int h = 0; h < MAXG; h++)
+              if (h < g) s[h] += sq[h * d + at] * kf.x + sq[h * d + at + 1] * kf.y;
+          }
+        }
+      } else {
+        for (int j = 0; j < d; j += 2) {
+          const float2 kf = __half22float2(*reinterpret_cast<const __half2*>(k + j));
+#pragma unroll
+          for (int h = 0; h < MAXG; h++)
+            if (h < g) s[h] += sq[h * d + j] * kf.x + sq[h * d + j + 1] * kf.y;
+        }
       }
     }
 #pragma unroll
@@ -191,7 +209,7 @@ __device__ void attention_chunk(const T* __restrict__ q, const __half* __restric
 #pragma unroll
   for (int h = 0; h < MAXG; h++) acc[h][0] = acc[h][1] = 0.f;
   if (grp < groups) {
-#pragma unroll 4
+#pragma unroll 8
     for (int i = grp; i < n; i += groups) {
       const float2 v = __half22float2(
           *reinterpret_cast<const __half2*>(pool + (size_t)vr[i] * kv_dim + (size_t)kh * d + 2 * pair));
@@ -265,31 +283,60 @@ __device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, int rows
   }
 }
 
-// The residual and the next norm: sum = x + y, normed = rms_norm(sum) * w. Block per row.
+// The residual and the next norm: sum = x + y, normed = rms_norm(sum) * w. Block per row; a row
+// of up to 8 values a thread is held in registers, its loads all issued at once (one memory
+// latency, not one per value), longer rows loop.
+constexpr int NORM_PER_THREAD = 8;
+
 template <typename T>
 __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ y,
                              const T* __restrict__ w, T* __restrict__ sum, T* __restrict__ normed,
                              int e, float eps) {
   __shared__ float part[32];
   const size_t r = blockIdx.x;
+  const int nt = blockDim.x, tid = threadIdx.x;
+  const bool held = e <= nt * NORM_PER_THREAD;
+  float v[NORM_PER_THREAD];
   float ss = 0.f;
-  for (int i = threadIdx.x; i < e; i += blockDim.x) {
-    const T v = from_f<T>(to_f(x[r * e + i]) + to_f(y[r * e + i]));
-    sum[r * e + i] = v;
-    ss += to_f(v) * to_f(v);
+  if (held) {
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++) {
+      const int i = tid + j * nt;
+      v[j] = i < e ? to_f(from_f<T>(to_f(x[r * e + i]) + to_f(y[r * e + i]))) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++) {
+      const int i = tid + j * nt;
+      if (i < e) sum[r * e + i] = from_f<T>(v[j]);
+      ss += v[j] * v[j];
+    }
+  } else {
+    for (int i = tid; i < e; i += nt) {
+      const T s = from_f<T>(to_f(x[r * e + i]) + to_f(y[r * e + i]));
+      sum[r * e + i] = s;
+      ss += to_f(s) * to_f(s);
+    }
   }
   ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  if ((tid & 31) == 0) part[tid >> 5] = ss;
   __syncthreads();
-  if (threadIdx.x < 32) {
-    float t = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+  if (tid < 32) {
+    float t = tid < (nt >> 5) ? part[tid] : 0.f;
     t = warp_sum(t);
-    if (threadIdx.x == 0) part[0] = t;
+    if (tid == 0) part[0] = t;
   }
   __syncthreads();
   const float inv = rsqrtf(part[0] / e + eps);
-  for (int i = threadIdx.x; i < e; i += blockDim.x)
-    normed[r * e + i] = from_f<T>(to_f(sum[r * e + i]) * inv * to_f(w[i]));
+  if (held) {
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++) {
+      const int i = tid + j * nt;
+      if (i < e) normed[r * e + i] = from_f<T>(v[j] * inv * to_f(w[i]));
+    }
+  } else {
+    for (int i = tid; i < e; i += nt)
+      normed[r * e + i] = from_f<T>(to_f(sum[r * e + i]) * inv * to_f(w[i]));
+  }
 }
 
 #define GEMV(T, S, B)                                                                     \

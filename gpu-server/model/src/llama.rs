@@ -328,6 +328,35 @@ impl Model {
         lin.forward(x)
     }
 
+    /// Runs every projection of a decode step of `rows` sequences on zeros, as a step would
+    /// (fused and on the kernels when they are on, candle's matmuls otherwise), and waits for
+    /// the device: the weights' part of a step alone, for benchmarks.
+    pub fn run_projections(&self, rows: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let zeros = |n: usize| Tensor::zeros((rows, n), self.act, &self.device);
+        let h = zeros(cfg.hidden)?;
+        let a = zeros(cfg.heads * cfg.head_dim)?;
+        let f = zeros(cfg.intermediate)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            match self.fused.get(l).filter(|_| self.decode_kernels()) {
+                Some(fused) => {
+                    self.project(&fused.qkv, &h)?;
+                    self.project(&fused.gate_up, &h)?;
+                }
+                None => {
+                    for p in [&layer.wq, &layer.wk, &layer.wv, &layer.gate, &layer.up] {
+                        self.project(p, &h)?;
+                    }
+                }
+            }
+            self.project(&layer.wo, &a)?;
+            self.project(&layer.down, &f)?;
+        }
+        self.project(&self.lm_head, &h)?;
+        self.device.synchronize()?;
+        Ok(())
+    }
+
     /// An all-decode step on the kernels: nine launches a layer (see `cuda.rs`). Returns the
     /// final-normed rows, one a sequence, or `None` where the kernels do not serve the batch.
     #[cfg(feature = "cuda")]

@@ -78,6 +78,10 @@ struct Args {
     /// (exit 1 if they disagree).
     #[arg(long)]
     check_kernels: bool,
+    /// Where a batch-1 decode step's time goes: the model's forward alone (no engine) and its
+    /// projections alone, with the kernels on and off.
+    #[arg(long)]
+    profile: bool,
 }
 
 struct Timing {
@@ -411,6 +415,65 @@ fn check_kernels(model: &kvmesh_gpu_server_model::Model) -> anyhow::Result<(Valu
     Ok((json!({"used": true, "steps": rows, "all_pass": ok}), ok))
 }
 
+/// A batch-1 decode step taken apart: `model.forward` alone (no engine, no sampling) over 96
+/// steps, and the step's projections alone (every weight read once), with the decode kernels
+/// on and then off.
+fn profile(model: &kvmesh_gpu_server_model::Model) -> anyhow::Result<Value> {
+    use kvmesh_gpu_server_model::{KvPool, SeqInput};
+    let bytes = model.projection_bytes() as f64;
+    let vocab = model.config().vocab_size;
+    let mut out = serde_json::Map::new();
+    for on in [true, false] {
+        model.set_decode_kernels(on);
+        let mut proj = Vec::new();
+        for r in 0..12 {
+            let t = Instant::now();
+            model.run_projections(1)?;
+            if r >= 2 {
+                proj.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let bt = 16;
+        let mut pool = KvPool::for_model(model, 8, bt)?;
+        let blocks: Vec<u32> = (0..8).collect();
+        let prompt = tokens(16, 5, vocab);
+        let first = SeqInput {
+            tokens: &prompt,
+            start: 0,
+            blocks: &blocks,
+            all_logits: false,
+        };
+        model.forward(&[first], &mut pool)?;
+        let mut steps = Vec::new();
+        let mut tok = [prompt[0]];
+        for p in 16..16 + 96 {
+            let t = Instant::now();
+            let s = SeqInput {
+                tokens: &tok,
+                start: p,
+                blocks: &blocks,
+                all_logits: false,
+            };
+            let logits = model.forward(&[s], &mut pool)?;
+            tok[0] = logits[0].flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+            if p >= 20 {
+                steps.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let pm = median(&proj);
+        out.insert(
+            if on { "kernels" } else { "candle_ops" }.into(),
+            json!({
+                "forward_step_ms": stats(steps),
+                "projections_ms": stats(proj),
+                "projections_gb_per_s": bytes / pm / 1e6,
+            }),
+        );
+    }
+    model.set_decode_kernels(true);
+    Ok(Value::Object(out))
+}
+
 fn check_cpu(args: &Args, device: &candle_core::Device) -> anyhow::Result<(Value, bool)> {
     let opts = |d: &candle_core::Device| LoadOptions {
         fast_q4_1: false,
@@ -582,7 +645,12 @@ fn main() -> anyhow::Result<()> {
         ok &= pass;
         out.insert("check_cpu".into(), v);
     }
-    if !args.no_throughput || args.copy_peaks || args.host_restore || args.check_kernels {
+    if !args.no_throughput
+        || args.copy_peaks
+        || args.host_restore
+        || args.check_kernels
+        || args.profile
+    {
         let t = Instant::now();
         let loaded = load(&args, &device, &args.weights)?;
         let model = Arc::new(loaded.model);
@@ -610,6 +678,9 @@ fn main() -> anyhow::Result<()> {
             out.insert("copy_peaks".into(), v);
         }
         out.insert("decode_kernels".into(), json!(model.decode_kernels()));
+        if args.profile {
+            out.insert("profile".into(), profile(&model)?);
+        }
         if args.check_kernels {
             let (v, pass) = check_kernels(&model)?;
             ok &= pass;
