@@ -35,6 +35,7 @@ fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
 /// The kernels of one activation type.
 struct Funcs {
     gemv: Vec<CudaFunction>,
+    gemv_glu: Vec<CudaFunction>,
     rope_write: CudaFunction,
     attention_chunk: CudaFunction,
     attention_merge: CudaFunction,
@@ -53,6 +54,9 @@ impl Funcs {
         Ok(Self {
             gemv: (1..=GEMV_ROWS)
                 .map(|b| load(format!("gemv_{suffix}_{b}")))
+                .collect::<Result<_>>()?,
+            gemv_glu: (1..=GEMV_ROWS)
+                .map(|b| load(format!("gemv_glu_{suffix}_{b}")))
                 .collect::<Result<_>>()?,
             rope_write: f("rope_write")?,
             attention_chunk: f("attention_chunk")?,
@@ -154,6 +158,16 @@ impl Kernels {
     /// `x (B, K) . w (N, K)^T` for B up to [`GEMV_ROWS`], a warp per output column; `None` when
     /// the shapes or types are not the kernel's (the caller uses cuBLAS).
     pub(crate) fn gemv(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+        self.matvec(x, w, false)
+    }
+
+    /// The gated unit from a fused gate|up weight `w (2F, K)`: `silu(x . gate^T) * (x . up^T)`,
+    /// `(B, F)`, in one kernel; `None` as for [`Kernels::gemv`].
+    pub(crate) fn gemv_glu(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+        self.matvec(x, w, true)
+    }
+
+    fn matvec(&self, x: &Tensor, w: &Tensor, glu: bool) -> Result<Option<Tensor>> {
         let (Ok((b, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
             return Ok(None);
         };
@@ -161,6 +175,7 @@ impl Kernels {
         let per16 = 16 / dtype.size_in_bytes();
         if w.dtype() != dtype
             || k != k2
+            || (glu && !n.is_multiple_of(2))
             || b == 0
             || b > GEMV_ROWS
             || !k.is_multiple_of(per16)
@@ -176,6 +191,8 @@ impl Kernels {
         if !px.is_multiple_of(16) || !pw.is_multiple_of(16) {
             return Ok(None);
         }
+        // The gated unit makes one column of every two rows (gate i and up F + i).
+        let n = if glu { n / 2 } else { n };
         let (y, py) = self.empty(dtype, &[b, n])?;
         let (n32, k32) = (n as i32, k as i32);
         let warps = THREADS / 32;
@@ -184,9 +201,11 @@ impl Kernels {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = self.stream.launch_builder(&funcs.gemv[b - 1]);
+        let f = if glu { &funcs.gemv_glu } else { &funcs.gemv };
+        let mut l = self.stream.launch_builder(&f[b - 1]);
         l.arg(&px).arg(&pw).arg(&py).arg(&n32).arg(&k32);
-        // SAFETY: the arguments match gemv_*'s signature; x is (b, k), w (n, k), y (b, n).
+        // SAFETY: the arguments match gemv_*'s and gemv_glu_*'s signatures; x is (b, k), w
+        // (n, k) or (2n, k) for the gated unit, y (b, n).
         unsafe { l.launch(cfg) }.map_err(|e| err("gemv", e))?;
         Ok(Some(y))
     }

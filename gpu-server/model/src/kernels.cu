@@ -63,6 +63,48 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
   }
 }
 
+// The gated unit of the MLP straight from the fused gate|up weight `w (2F, K)`:
+// y (B, F) = silu(x . w[i]) * (x . w[F + i]), a warp per i reading both rows; no (B, 2F)
+// intermediate and no separate silu kernel. Rounded through T where candle's ops would round.
+template <typename T, int B>
+__device__ void gemv_glu(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                         int f, int k) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= f) return;
+  constexpr int V = 16 / sizeof(T);
+  const uint4* wg = reinterpret_cast<const uint4*>(w + (size_t)row * k);
+  const uint4* wu = reinterpret_cast<const uint4*>(w + (size_t)(f + row) * k);
+  float ag[B], au[B];
+#pragma unroll
+  for (int b = 0; b < B; b++) ag[b] = au[b] = 0.f;
+  const int nv = k / V;
+#pragma unroll 4
+  for (int i = lane; i < nv; i += 32) {
+    const uint4 gv = load_stream(wg + i);
+    const uint4 uv = load_stream(wu + i);
+    const T* gt = reinterpret_cast<const T*>(&gv);
+    const T* ut = reinterpret_cast<const T*>(&uv);
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)b * k) + i);
+      const T* xt = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+      for (int j = 0; j < V; j++) {
+        ag[b] += to_f(gt[j]) * to_f(xt[j]);
+        au[b] += to_f(ut[j]) * to_f(xt[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < B; b++) {
+    const float g = to_f(from_f<T>(warp_sum(ag[b])));
+    const float u = to_f(from_f<T>(warp_sum(au[b])));
+    const float sg = to_f(from_f<T>(g / (1.f + __expf(-g))));
+    if (lane == 0) y[(size_t)b * f + row] = from_f<T>(sg * u);
+  }
+}
+
 // One token's q, k and v heads (a row of the fused projection `(T, (H + 2 KH) D)`): q and k
 // rotated by the token's cos/sin `(T, D / 2)`; q to `q_out (T, H D)`, k and v into the pool at
 // `rows[t]` and `rows[T + t]`. Block (t, head); a thread per rotated pair.
@@ -339,9 +381,12 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ y,
   }
 }
 
-#define GEMV(T, S, B)                                                                     \
-  extern "C" __global__ void gemv_##S##_##B(const T* x, const T* w, T* y, int n, int k) { \
-    gemv<T, B>(x, w, y, n, k);                                                            \
+#define GEMV(T, S, B)                                                                         \
+  extern "C" __global__ void gemv_##S##_##B(const T* x, const T* w, T* y, int n, int k) {     \
+    gemv<T, B>(x, w, y, n, k);                                                                \
+  }                                                                                           \
+  extern "C" __global__ void gemv_glu_##S##_##B(const T* x, const T* w, T* y, int f, int k) { \
+    gemv_glu<T, B>(x, w, y, f, k);                                                            \
   }
 
 #define KERNELS(T, S)                                                                          \

@@ -341,6 +341,12 @@ impl Model {
             match self.fused.get(l).filter(|_| self.decode_kernels()) {
                 Some(fused) => {
                     self.project(&fused.qkv, &h)?;
+                    #[cfg(feature = "cuda")]
+                    match self.kernels() {
+                        Some(k) => self.gated(k, &fused.gate_up, &h)?,
+                        None => self.project(&fused.gate_up, &h)?,
+                    };
+                    #[cfg(not(feature = "cuda"))]
                     self.project(&fused.gate_up, &h)?;
                 }
                 None => {
@@ -355,6 +361,20 @@ impl Model {
         self.project(&self.lm_head, &h)?;
         self.device.synchronize()?;
         Ok(())
+    }
+
+    /// `silu(gate) * up` from the fused gate|up projection: one kernel reading both halves for
+    /// a few rows, else the product then the kernel that gates it.
+    #[cfg(feature = "cuda")]
+    fn gated(&self, k: &Kernels, gate_up: &Linear, x: &Tensor) -> Result<Tensor> {
+        if let (Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)), None) =
+            (&gate_up.w, &gate_up.b)
+            && x.dim(0)? <= GEMV_ROWS
+            && let Some(y) = k.gemv_glu(x, w)?
+        {
+            return Ok(y);
+        }
+        k.silu_mul(&self.project(gate_up, x)?)
     }
 
     /// An all-decode step on the kernels: nine launches a layer (see `cuda.rs`). Returns the
@@ -387,7 +407,7 @@ impl Model {
             let attn = k.attention(cfg, &q, rows, &dec.gather.get(l)?, &dec.lens, dec.c)?;
             let o = self.project(&layer.wo, &attn)?;
             let (s, n) = k.add_rms_norm(&x, &o, &layer.ffn_norm, eps)?;
-            let a = k.silu_mul(&self.project(&f.gate_up, &n)?)?;
+            let a = self.gated(k, &f.gate_up, &n)?;
             let d = self.project(&layer.down, &a)?;
             let next = self.layers.get(l + 1).map_or(&self.norm, |n| &n.attn_norm);
             (x, h) = k.add_rms_norm(&s, &d, next, eps)?;
