@@ -36,6 +36,7 @@ fn err(what: &str, e: impl std::fmt::Display) -> ModelError {
 struct Funcs {
     gemv: Vec<CudaFunction>,
     gemv_glu: Vec<CudaFunction>,
+    gemv_qkv_rope: Vec<CudaFunction>,
     rope_write: CudaFunction,
     attention_chunk: CudaFunction,
     attention_merge: CudaFunction,
@@ -57,6 +58,9 @@ impl Funcs {
                 .collect::<Result<_>>()?,
             gemv_glu: (1..=GEMV_ROWS)
                 .map(|b| load(format!("gemv_glu_{suffix}_{b}")))
+                .collect::<Result<_>>()?,
+            gemv_qkv_rope: (1..=GEMV_ROWS)
+                .map(|b| load(format!("gemv_qkv_rope_{suffix}_{b}")))
                 .collect::<Result<_>>()?,
             rope_write: f("rope_write")?,
             attention_chunk: f("attention_chunk")?,
@@ -167,7 +171,15 @@ impl Kernels {
         self.matvec(x, w, true)
     }
 
-    fn matvec(&self, x: &Tensor, w: &Tensor, glu: bool) -> Result<Option<Tensor>> {
+    /// The addresses of `x (B, K)` and `w (N, K)` when the matrix-vector kernels take them
+    /// (types alike and f16 or f32, B up to [`GEMV_ROWS`], rows of whole 16-byte loads), with
+    /// B, N, K and the kernels of their type.
+    #[allow(clippy::type_complexity)]
+    fn matvec_args(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+    ) -> Result<Option<(u64, u64, usize, usize, usize, &Funcs)>> {
         let (Ok((b, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
             return Ok(None);
         };
@@ -175,7 +187,6 @@ impl Kernels {
         let per16 = 16 / dtype.size_in_bytes();
         if w.dtype() != dtype
             || k != k2
-            || (glu && !n.is_multiple_of(2))
             || b == 0
             || b > GEMV_ROWS
             || !k.is_multiple_of(per16)
@@ -191,6 +202,70 @@ impl Kernels {
         if !px.is_multiple_of(16) || !pw.is_multiple_of(16) {
             return Ok(None);
         }
+        Ok(Some((px, pw, b, n, k, funcs)))
+    }
+
+    /// The fused q|k|v projection with rope and the KV write in one kernel (what
+    /// [`Kernels::rope_write`] does, on the product as it is made); `None` where the
+    /// matrix-vector kernels do not take `x` and `w`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn qkv_rope(
+        &self,
+        cfg: &ModelConfig,
+        x: &Tensor,
+        w: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        pool: &Tensor,
+        rows: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some((px, pw, b, n, k, funcs)) = self.matvec_args(x, w)? else {
+            return Ok(None);
+        };
+        let (h, kh, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        if n != (h + 2 * kh) * d || rows.elem_count() != 2 * b || pool.dtype() != DType::F16 {
+            return Err(ModelError::Forward("qkv_rope: shapes do not match".into()));
+        }
+        let (pcos, psin, ppool, prows) = (ptr(cos)?, ptr(sin)?, ptr(pool)?, ptr(rows)?);
+        let (q, pq) = self.empty(x.dtype(), &[b, h * d])?;
+        let ints = [
+            k as i32,
+            h as i32,
+            kh as i32,
+            d as i32,
+            cfg.rope_interleaved as i32,
+        ];
+        let pairs = (n / 2) as u32;
+        let launch = LaunchConfig {
+            grid_dim: (pairs.div_ceil(THREADS / 32), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&funcs.gemv_qkv_rope[b - 1]);
+        l.arg(&px)
+            .arg(&pw)
+            .arg(&pcos)
+            .arg(&psin)
+            .arg(&pq)
+            .arg(&ppool)
+            .arg(&prows);
+        for a in &ints {
+            l.arg(a);
+        }
+        // SAFETY: the arguments match gemv_qkv_rope_*'s signature and the shapes were checked;
+        // the rows are inside the pool (DevicePlan checks every block id).
+        unsafe { l.launch(launch) }.map_err(|e| err("gemv_qkv_rope", e))?;
+        Ok(Some(q))
+    }
+
+    fn matvec(&self, x: &Tensor, w: &Tensor, glu: bool) -> Result<Option<Tensor>> {
+        let Some((px, pw, b, n, k, funcs)) = self.matvec_args(x, w)? else {
+            return Ok(None);
+        };
+        if glu && !n.is_multiple_of(2) {
+            return Ok(None);
+        }
+        let dtype = x.dtype();
         // The gated unit makes one column of every two rows (gate i and up F + i).
         let n = if glu { n / 2 } else { n };
         let (y, py) = self.empty(dtype, &[b, n])?;

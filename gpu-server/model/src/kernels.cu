@@ -105,6 +105,73 @@ __device__ void gemv_glu(const T* __restrict__ x, const T* __restrict__ w, T* __
   }
 }
 
+// The fused q|k|v projection with rope and the KV write in its epilogue, for B tokens:
+// `w ((H + 2 KH) D, K)`; a warp per rotated pair of one head (`(i, i + D / 2)`, or `(2i, 2i + 1)`
+// when interleaved) computes both rows for every token, rotates q and k by the token's
+// `cos`/`sin (B, D / 2)`, and writes q to `q_out (B, H D)`, k and v into the pool at
+// `rows[t] + shift` and `rows[B + t] + shift`. Rounded through T where candle's ops would round.
+template <typename T, int B>
+__device__ void gemv_qkv_rope(const T* __restrict__ x, const T* __restrict__ w,
+                              const T* __restrict__ cos, const T* __restrict__ sin,
+                              T* __restrict__ q_out, __half* __restrict__ pool,
+                              const uint32_t* __restrict__ rows, int k, int heads, int kv_heads,
+                              int d, int interleaved) {
+  const int lane = threadIdx.x & 31;
+  const int pair = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int half = d / 2;
+  if (pair >= (heads + 2 * kv_heads) * half) return;
+  const int head = pair / half, i = pair % half;
+  const int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + half;
+  constexpr int V = 16 / sizeof(T);
+  const uint4* w0 = reinterpret_cast<const uint4*>(w + ((size_t)head * d + i0) * k);
+  const uint4* w1 = reinterpret_cast<const uint4*>(w + ((size_t)head * d + i1) * k);
+  float a0[B], a1[B];
+#pragma unroll
+  for (int b = 0; b < B; b++) a0[b] = a1[b] = 0.f;
+  const int nv = k / V;
+#pragma unroll 4
+  for (int v = lane; v < nv; v += 32) {
+    const uint4 r0 = load_stream(w0 + v);
+    const uint4 r1 = load_stream(w1 + v);
+    const T* t0 = reinterpret_cast<const T*>(&r0);
+    const T* t1 = reinterpret_cast<const T*>(&r1);
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)b * k) + v);
+      const T* xt = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+      for (int j = 0; j < V; j++) {
+        a0[b] += to_f(t0[j]) * to_f(xt[j]);
+        a1[b] += to_f(t1[j]) * to_f(xt[j]);
+      }
+    }
+  }
+  const size_t kv_dim = (size_t)kv_heads * d;
+#pragma unroll
+  for (int b = 0; b < B; b++) {
+    float p = to_f(from_f<T>(warp_sum(a0[b])));
+    float q = to_f(from_f<T>(warp_sum(a1[b])));
+    if (lane != 0) continue;
+    if (head < heads + kv_heads) {
+      const float c = to_f(cos[(size_t)b * half + i]), s = to_f(sin[(size_t)b * half + i]);
+      const float rp = p * c - q * s, rq = p * s + q * c;
+      p = rp;
+      q = rq;
+    }
+    if (head < heads) {
+      T* dst = q_out + (size_t)b * heads * d + (size_t)head * d;
+      dst[i0] = from_f<T>(p);
+      dst[i1] = from_f<T>(q);
+    } else {
+      const bool is_k = head < heads + kv_heads;
+      const int kh = is_k ? head - heads : head - heads - kv_heads;
+      __half* dst = pool + (size_t)rows[is_k ? b : B + b] * kv_dim + (size_t)kh * d;
+      dst[i0] = __float2half(to_f(from_f<T>(p)));
+      dst[i1] = __float2half(to_f(from_f<T>(q)));
+    }
+  }
+}
+
 // One token's q, k and v heads (a row of the fused projection `(T, (H + 2 KH) D)`): q and k
 // rotated by the token's cos/sin `(T, D / 2)`; q to `q_out (T, H D)`, k and v into the pool at
 // `rows[t]` and `rows[T + t]`. Block (t, head); a thread per rotated pair.
@@ -387,6 +454,12 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ y,
   }                                                                                           \
   extern "C" __global__ void gemv_glu_##S##_##B(const T* x, const T* w, T* y, int f, int k) { \
     gemv_glu<T, B>(x, w, y, f, k);                                                            \
+  }                                                                                           \
+  extern "C" __global__ void gemv_qkv_rope_##S##_##B(                                         \
+      const T* x, const T* w, const T* cos, const T* sin, T* q_out, __half* pool,             \
+      const uint32_t* rows, int k, int heads, int kv_heads, int d, int interleaved) {         \
+    gemv_qkv_rope<T, B>(x, w, cos, sin, q_out, pool, rows, k, heads, kv_heads, d,             \
+                        interleaved);                                                         \
   }
 
 #define KERNELS(T, S)                                                                          \

@@ -174,6 +174,11 @@ pub struct Model {
     /// Whether all-decode steps use the kernels (on by default; off runs candle's ops, the
     /// baseline the benchmark compares with).
     use_kernels: std::sync::atomic::AtomicBool,
+    /// Whether the q|k|v and gate|up products carry rope with the KV write and the gated unit
+    /// in their kernels (on unless `KVMESH_DECODE_EPILOGUES=0`, which runs those as kernels of
+    /// their own: the step before these fusions, for comparison).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    epilogues: bool,
 }
 
 /// One sequence's share of a forward step: run `tokens` at positions `start..`, reading KV of
@@ -267,6 +272,7 @@ impl Model {
             #[cfg(feature = "cuda")]
             kernels,
             use_kernels: std::sync::atomic::AtomicBool::new(true),
+            epilogues: std::env::var("KVMESH_DECODE_EPILOGUES").map_or(true, |v| v != "0"),
         };
         // candle's CUDA device queues work on the calling thread's stream, and the engine runs
         // the model from another thread: every weight must be in place before that.
@@ -369,6 +375,7 @@ impl Model {
     fn gated(&self, k: &Kernels, gate_up: &Linear, x: &Tensor) -> Result<Tensor> {
         if let (Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)), None) =
             (&gate_up.w, &gate_up.b)
+            && self.epilogues
             && x.dim(0)? <= GEMV_ROWS
             && let Some(y) = k.gemv_glu(x, w)?
         {
@@ -402,8 +409,19 @@ impl Model {
         let mut h = rms_norm(&x, &self.layers[0].attn_norm, eps)?;
         let mut x = x;
         for (l, (layer, f)) in self.layers.iter().zip(&self.fused).enumerate() {
-            let qkv = self.project(&f.qkv, &h)?;
-            let q = k.rope_write(cfg, &qkv, cos, sin, rows, &plan.rows.get(l)?)?;
+            let write = plan.rows.get(l)?;
+            let fused = match (&f.qkv.w, &f.qkv.b) {
+                (Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)), None)
+                    if self.epilogues =>
+                {
+                    k.qkv_rope(cfg, &h, w, cos, sin, rows, &write)?
+                }
+                _ => None,
+            };
+            let q = match fused {
+                Some(q) => q,
+                None => k.rope_write(cfg, &self.project(&f.qkv, &h)?, cos, sin, rows, &write)?,
+            };
             let attn = k.attention(cfg, &q, rows, &dec.gather.get(l)?, &dec.lens, dec.c)?;
             let o = self.project(&layer.wo, &attn)?;
             let (s, n) = k.add_rms_norm(&x, &o, &layer.ffn_norm, eps)?;
