@@ -1,8 +1,9 @@
 //! kvmesh's decode kernels (`src/kernels.cu`, built to PTX by build.rs) on candle's CUDA
 //! tensors. A decode step launched one candle op at a time is ~30 launches a layer, and at
-//! batch 1 their cost, not the weights' bytes, sets the step time; with these a layer is nine:
-//! four matrix-vector products over the weights (q|k|v and gate|up fused at load) and five
-//! kernels for everything between them.
+//! batch 1 their cost, not the weights' bytes, sets the step time; with these a layer is seven:
+//! four matrix-vector products over the weights (q|k|v and gate|up fused at load, carrying rope
+//! with the KV write and the gated unit in their epilogues), attention, and the two residuals
+//! each fused with the norm after it.
 
 // Launching a kernel and allocating the tensor it fills are unsafe in cudarc; each use states
 // why its arguments are the kernel's.

@@ -384,8 +384,9 @@ impl Model {
         k.silu_mul(&self.project(gate_up, x)?)
     }
 
-    /// An all-decode step on the kernels: nine launches a layer (see `cuda.rs`). Returns the
-    /// final-normed rows, one a sequence, or `None` where the kernels do not serve the batch.
+    /// An all-decode step on the kernels: seven launches a layer for up to [`GEMV_ROWS`]
+    /// sequences (see `cuda.rs`). Returns the final-normed rows, one a sequence, or gives `x`
+    /// back where the kernels do not serve the batch.
     #[cfg(feature = "cuda")]
     fn decode_on_kernels(
         &self,
