@@ -241,10 +241,16 @@ impl Model {
                 fused.clear();
             }
         }
+        // Kernels that do not load (a GPU the PTX was not built for) leave candle's ops to
+        // decode: slower, never down.
         #[cfg(feature = "cuda")]
         let kernels = match &device {
             Device::Cuda(dev) if !fused.is_empty() && Kernels::serve(&cfg, act) => {
-                Some(Kernels::new(dev)?)
+                Kernels::new(dev)
+                    .inspect_err(|e| {
+                        tracing::warn!("decode kernels not loaded, decoding on candle's ops: {e}")
+                    })
+                    .ok()
             }
             _ => None,
         };
