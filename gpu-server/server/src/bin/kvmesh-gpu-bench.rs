@@ -339,8 +339,6 @@ fn host_restore(args: &Args, model: &Arc<kvmesh_gpu_server_model::Model>, stop: 
     })
 }
 
-/// Greedy tokens on `device` and on the CPU, F32 weights on both, for a few prompts; and on
-/// `device`, a prompt's tokens recomputed against served from the prefix cache.
 /// One decode step over sequences whose contexts span one and several attention chunks, run on
 /// the decode kernels and again on candle's ops: the logits must agree to the activations'
 /// rounding and pick the same greedy token.
@@ -415,8 +413,8 @@ fn check_kernels(model: &kvmesh_gpu_server_model::Model) -> anyhow::Result<(Valu
     Ok((json!({"used": true, "steps": rows, "all_pass": ok}), ok))
 }
 
-/// A batch-1 decode step taken apart: `model.forward` alone (no engine, no sampling) over 96
-/// steps, and the step's projections alone (every weight read once), with the decode kernels
+/// A batch-1 decode step taken apart: `model.forward` alone (no engine, no sampling) over 92
+/// steps after 4 of warm-up, and the step's projections alone (every weight read once), with the decode kernels
 /// on and then off.
 fn profile(model: &kvmesh_gpu_server_model::Model) -> anyhow::Result<Value> {
     use kvmesh_gpu_server_model::{KvPool, SeqInput};
@@ -474,6 +472,8 @@ fn profile(model: &kvmesh_gpu_server_model::Model) -> anyhow::Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// Greedy tokens on `device` and on the CPU, F32 weights on both, for a few prompts; and on
+/// `device`, a prompt's tokens recomputed against served from the prefix cache.
 fn check_cpu(args: &Args, device: &candle_core::Device) -> anyhow::Result<(Value, bool)> {
     let opts = |d: &candle_core::Device| LoadOptions {
         fast_q4_1: false,
