@@ -21,7 +21,7 @@ mod tiers;
 pub use cost::{FetchPolicy, TierCostReport};
 #[cfg(feature = "cuda")]
 pub use cuda::CudaCopier;
-pub use disk::ScanReport;
+pub use disk::{DiskReadProbe, ScanReport, evict_page_cache};
 pub use report::{CostStatus, LoadReport, StateUpdate, Status, TierLoad, TierStatus};
 pub use sampling::{SamplingParams, sample};
 pub use scheduler::{Engine, EngineConfig, EngineHandle, TierBlocks};

@@ -10,7 +10,8 @@
 //!
 //! In the same run it measures this machine's memcpy and sequential-read bandwidth (block-
 //! sized copies and reads, page cache warm) against the tiers' own block copies and disk
-//! reads, and prints everything as JSON.
+//! reads (the disk tier's read-and-verify path on its own, and as the engine measured it while
+//! serving), and prints everything as JSON.
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -19,8 +20,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use kvmesh_gpu_server_engine::{
-    BlockCopier, CpuCopier, Engine, EngineConfig, EngineHandle, Event, FetchPolicy, Request,
-    SamplingParams, Status, TierConfig,
+    BlockCopier, CpuCopier, DiskReadProbe, Engine, EngineConfig, EngineHandle, Event, FetchPolicy,
+    Request, SamplingParams, Status, TierConfig, evict_page_cache,
 };
 use kvmesh_gpu_server_model::{KvPool, Model};
 use serde_json::{Value, json};
@@ -43,7 +44,8 @@ struct Args {
     /// Directory for the disk tier's slabs and the sequential-read file.
     #[arg(long, default_value = "/tmp/kvmesh-tiers-bench")]
     dir: PathBuf,
-    /// Which configurations to run (comma separated: tiers, device, none).
+    /// Which configurations to run (comma separated: tiers, device, none; empty for the
+    /// bandwidth figures alone).
     #[arg(long, default_value = "tiers,device,none")]
     configs: String,
 }
@@ -203,25 +205,45 @@ fn copier_bw(model: &Model) -> (f64, f64) {
     (median(down), median(up))
 }
 
-/// Sequential reads of a 256 MiB file in `chunk`-sized pieces (page cache warm, like the
-/// disk tier's reads of recently written slots).
-fn seq_read_bw(dir: &std::path::Path, chunk: usize) -> anyhow::Result<f64> {
+/// This machine's sequential read (slot-sized `pread`s over a 256 MiB file into one
+/// buffer, as `dd` reads) against the disk tier's own read-and-verify path
+/// ([`DiskReadProbe`]) over as many bytes, their passes alternating: with the page cache warm
+/// (a block demoted moments ago) and cold (pages dropped first, so the reads come from the
+/// disk). Medians of the passes after the first.
+fn disk_read_bw(dir: &std::path::Path, chunk: usize, payload: usize) -> anyhow::Result<Value> {
     let path = dir.join("seq-read.bin");
     let n = (256 << 20) / chunk;
     std::fs::write(&path, vec![3u8; n * chunk])?;
     let f = std::fs::File::open(&path)?;
     let mut buf = vec![0u8; chunk];
-    let mut v = Vec::new();
-    for _ in 0..4 {
-        let t = Instant::now();
-        for i in 0..n {
-            f.read_exact_at(&mut buf, (i * chunk) as u64)?;
+    let probe_dir = dir.join("disk-read");
+    let mut probe =
+        DiskReadProbe::new(&probe_dir, payload, n * chunk).map_err(anyhow::Error::msg)?;
+    let mut out = json!({});
+    for (name, cold) in [("page_cache_warm", false), ("page_cache_cold", true)] {
+        let (mut seq, mut tier) = (Vec::new(), Vec::new());
+        for _ in 0..4 {
+            if cold {
+                evict_page_cache(&f)?;
+            }
+            let t = Instant::now();
+            for i in 0..n {
+                f.read_exact_at(&mut buf, (i * chunk) as u64)?;
+            }
+            seq.push((n * chunk) as f64 / t.elapsed().as_secs_f64());
+            tier.push(probe.pass(cold).map_err(anyhow::Error::msg)?);
         }
-        v.push((n * chunk) as f64 / t.elapsed().as_secs_f64());
+        let (s, t) = (median(seq[1..].to_vec()), median(tier[1..].to_vec()));
+        out[name] = json!({
+            "seq_read_bytes_per_s": s,
+            "disk_tier_read_bytes_per_s": t,
+            "disk_tier_read_vs_seq_read": t / s,
+        });
     }
+    drop(probe);
+    let _ = std::fs::remove_dir_all(&probe_dir);
     std::fs::remove_file(&path)?;
-    // The first pass may still see the write-back; the median is of the last three.
-    Ok(median(v[1..].to_vec()))
+    Ok(out)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -260,7 +282,7 @@ fn main() -> anyhow::Result<()> {
         "kv_bytes_per_block": cfg.kv_bytes_per_token_f16() * BT,
     });
     let warm = doc(999, 64, cfg.vocab_size);
-    for name in args.configs.split(',') {
+    for name in args.configs.split(',').filter(|n| !n.is_empty()) {
         let (tiers, clear) = match name {
             "tiers" => (
                 TierConfig {
@@ -286,7 +308,10 @@ fn main() -> anyhow::Result<()> {
     let block = cfg.kv_bytes_per_token_f16() * BT;
     let (to_host, to_device) = copier_bw(&model);
     let memcpy = memcpy_bw(block);
-    let seq = seq_read_bw(&args.dir, 4096 + block.div_ceil(4096) * 4096)?;
+    let disk = disk_read_bw(&args.dir, 4096 + block.div_ceil(4096) * 4096, block)?;
+    let seq = disk["page_cache_warm"]["seq_read_bytes_per_s"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
     let disk_read = out["tiers"]["status"]["tiers"]
         .as_array()
         .and_then(|t| t.iter().find(|x| x["tier"] == "Disk"))
@@ -304,6 +329,7 @@ fn main() -> anyhow::Result<()> {
         "copier_to_device_vs_memcpy": to_device / memcpy,
         "engine_host_fetch_bytes_per_s": host_read,
         "engine_host_fetch_vs_memcpy": host_read.map(|b| b / memcpy),
+        "disk_read": disk,
         "engine_disk_fetch_bytes_per_s": disk_read,
         "engine_disk_fetch_vs_seq_read": disk_read.map(|b| b / seq),
     });
