@@ -7,11 +7,16 @@
 //!   With none, the rendezvous hash of its first chunk picks, so every worker
 //!   VM (each with its own table) places a new prefix on the same replica.
 //! - Bounded load: no replica takes a request while it has
-//!   `ceil(load_factor * (in_flight + 1) / replicas)` or more in flight. A hot
-//!   prefix spills to the next replica in its rendezvous order, which then
-//!   learns it, so a hot prefix spreads as load grows instead of pinning one
-//!   replica. At low concurrency the bound is at least one request per
-//!   replica, so affinity holds and nothing spills needlessly.
+//!   `ceil(load_factor * (in_flight + 1) / replicas)` or more in flight and
+//!   also `spill_gap` or more above the least loaded replica. The gap keeps
+//!   small counts from spilling (with two replicas and three requests in
+//!   flight, two on one replica is already over a relative bound; spilling
+//!   costs the request its cached prefix). A hot prefix spills to the next
+//!   replica in its rendezvous order, always the same one, which learns the
+//!   request's new chunks but does not take over the prefix: the prefix's
+//!   home stays where it is cached, and the spill target warms up as its
+//!   second holder, so a hot prefix spreads as load grows instead of
+//!   pinning one replica or moving back and forth.
 //!
 //! In-flight counts are this policy instance's own (one Envoy worker VM).
 
@@ -30,6 +35,9 @@ pub struct PrefixAwareConfig {
     pub capacity: usize,
     /// How far above the mean in-flight count one replica may go (>= 1).
     pub load_factor: f64,
+    /// In-flight requests a replica must have above the least loaded one
+    /// before it spills (>= 1; 1 leaves the relative bound alone).
+    pub spill_gap: u64,
     /// Fallbacks listed after the primary.
     pub max_fallbacks: usize,
 }
@@ -39,6 +47,7 @@ impl Default for PrefixAwareConfig {
         Self {
             capacity: 200_000,
             load_factor: 1.25,
+            spill_gap: 4,
             max_fallbacks: 2,
         }
     }
@@ -61,6 +70,12 @@ impl PrefixAware {
                 message: format!("load_factor must be >= 1, got {}", config.load_factor),
             });
         }
+        if config.spill_gap < 1 {
+            return Err(ConfigError::Invalid {
+                strategy: "prefix-aware",
+                message: "spill_gap must be >= 1".into(),
+            });
+        }
         if config.capacity < 2 {
             return Err(ConfigError::Invalid {
                 strategy: "prefix-aware",
@@ -80,15 +95,20 @@ impl PrefixAware {
     }
 
     /// The in-flight count at which a replica of `snapshot` takes no more:
-    /// `ceil(load_factor * (in_flight + 1) / replicas)`, in-flight counted over
-    /// the live replicas only.
+    /// `max(ceil(load_factor * (in_flight + 1) / replicas), least + spill_gap)`,
+    /// in-flight counted over the live replicas only. The least loaded replica
+    /// is always under it.
     pub fn load_bound(&self, snapshot: &Snapshot) -> u64 {
-        let total: u64 = snapshot
+        let (total, least) = snapshot
             .replicas()
             .map(|(r, _)| self.in_flight.get(r))
-            .sum();
-        let n = snapshot.len().max(1) as f64;
-        (self.config.load_factor * (total as f64 + 1.0) / n).ceil() as u64
+            .fold((0u64, u64::MAX), |(t, m), n| (t + n, m.min(n)));
+        if snapshot.is_empty() {
+            return 0;
+        }
+        let n = snapshot.len() as f64;
+        let relative = (self.config.load_factor * (total as f64 + 1.0) / n).ceil() as u64;
+        relative.max(least.saturating_add(self.config.spill_gap))
     }
 
     /// Affinity entries held.
@@ -197,8 +217,15 @@ impl Policy for PrefixAware {
                     return;
                 }
                 self.in_flight.add(r, 1);
+                let spilled = choice.reason == Reason::Spilled;
                 for &c in request.chunks {
-                    self.affinity.insert(c, r);
+                    // A spill does not move a prefix's home: a chunk that has a
+                    // live replica keeps it (written again, so it stays young).
+                    let home = match self.affinity.get(c) {
+                        Some(h) if spilled && snapshot.get(h).is_some() => h,
+                        _ => r,
+                    };
+                    self.affinity.insert(c, home);
                 }
             }
             Event::Finished { replica } => {

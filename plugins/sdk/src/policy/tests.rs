@@ -110,6 +110,76 @@ fn prefix_aware_spills_a_hot_prefix_within_the_bound() {
 }
 
 #[test]
+fn prefix_aware_does_not_spill_a_small_imbalance() {
+    // Two replicas, a prefix whose home takes every request while it is fewer
+    // than `spill_gap` (4) requests ahead of the other replica.
+    let s = pool(2);
+    let mut p = PrefixAware::default();
+    let home = route(&mut p, &s, &chain(7, 4, 0, 5)).primary.unwrap();
+    for i in 1..4u64 {
+        let c = route(&mut p, &s, &chain(7, 4, i, 5));
+        assert_eq!(
+            c.primary,
+            Some(home),
+            "request {i} spilled at {i} in flight"
+        );
+        assert_eq!(c.reason, Reason::Affinity);
+    }
+    // Four ahead: the fifth spills. With `spill_gap = 1` (the relative bound
+    // alone) the third would already have spilled: two of three in flight on
+    // one of two replicas is over `ceil(1.25 * 3 / 2)`.
+    let c = route(&mut p, &s, &chain(7, 4, 4, 5));
+    assert_eq!(c.reason, Reason::Spilled);
+    assert_ne!(c.primary, Some(home));
+    let mut strict = PrefixAware::new(PrefixAwareConfig {
+        spill_gap: 1,
+        ..PrefixAwareConfig::default()
+    })
+    .unwrap();
+    route(&mut strict, &s, &chain(7, 4, 0, 5));
+    route(&mut strict, &s, &chain(7, 4, 1, 5));
+    assert_eq!(
+        route(&mut strict, &s, &chain(7, 4, 2, 5)).reason,
+        Reason::Spilled
+    );
+}
+
+#[test]
+fn prefix_aware_spill_keeps_the_prefix_home_and_a_steady_second_holder() {
+    let s = pool(4);
+    let mut p = PrefixAware::default();
+    let mut held = Vec::new();
+    let first = route(&mut p, &s, &chain(3, 4, 0, 5));
+    let home = first.primary.unwrap();
+    held.push(home);
+    // Enough concurrent requests of one prefix to spill several times.
+    let mut spilled_to = Vec::new();
+    for i in 1..12u64 {
+        let c = route(&mut p, &s, &chain(3, 4, i, 5));
+        if c.reason == Reason::Spilled {
+            spilled_to.push((i, c.primary.unwrap()));
+        }
+        held.push(c.primary.unwrap());
+    }
+    assert!(!spilled_to.is_empty(), "the prefix never spilled");
+    // The first spill goes to the prefix's second replica in rendezvous order,
+    // not wherever is least loaded.
+    let (spilled, second) = spilled_to[0];
+    assert_eq!(second, first.fallbacks[0]);
+    for r in held {
+        p.observe(&s, &Event::Finished { replica: r });
+    }
+    // All finished: the prefix is still at home, with its whole depth matched.
+    let c = route(&mut p, &s, &chain(3, 4, 100, 5));
+    assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
+    assert_eq!(c.matched_chunks, 4);
+    // A spilled request's own chunks follow it: its next turn (its whole
+    // chain and one chunk more) goes where its history is cached.
+    let c = route(&mut p, &s, &chain(3, 4, spilled, 6));
+    assert_eq!((c.primary, c.matched_chunks), (Some(second), 5));
+}
+
+#[test]
 fn prefix_aware_new_prefix_placement_agrees_across_instances() {
     // Two worker VMs with separate tables place a new prefix identically.
     let s = pool(8);
@@ -291,6 +361,7 @@ fn by_name_builds_and_refuses() {
         Err(ConfigError::UnknownStrategy(_))
     ));
     assert!(by_name("prefix-aware", &serde_json::json!({"load_factor": 0.5})).is_err());
+    assert!(by_name("prefix-aware", &serde_json::json!({"spill_gap": 0})).is_err());
     assert!(by_name("prefix-aware", &serde_json::json!({"typo": 1})).is_err());
     assert!(by_name("kv-aware", &serde_json::json!({"load_weight": -1.0})).is_err());
 }
