@@ -34,6 +34,23 @@ where
     }
 }
 
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM: what the launchers select on, so
+/// that they stop their processes instead of dying and leaving them running.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
 /// An HTTP client that opens a new connection per request (so successive
 /// requests land on any Envoy worker, as separate clients' would).
 pub fn fresh_connection_client() -> reqwest::Client {

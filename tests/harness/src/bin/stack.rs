@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use kvmesh_tests_harness::shutdown_signal;
 use kvmesh_tests_harness::stack::{Phase, STRATEGIES, Stack, StackConfig};
 
 #[derive(Debug, Parser)]
@@ -56,21 +57,6 @@ fn bar() -> ProgressBar {
     );
     pb.enable_steady_tick(Duration::from_millis(120));
     pb
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
 
 #[tokio::main]

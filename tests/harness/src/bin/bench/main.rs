@@ -300,6 +300,17 @@ async fn run_target(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // On Ctrl-C or SIGTERM the bench's future is dropped, and with it the stack and the
+    // SGLang router, whose drops stop their processes: nothing is left running.
+    tokio::select! {
+        r = bench(cli) => r,
+        () = kvmesh_tests_harness::shutdown_signal() => {
+            anyhow::bail!("interrupted; the stack is stopped and nothing was written")
+        }
+    }
+}
+
+async fn bench(cli: Cli) -> anyhow::Result<()> {
     let (lo, hi) = match cli.output_tokens.as_slice() {
         [a] => (*a, *a),
         [a, b, ..] => (*a, *b),
