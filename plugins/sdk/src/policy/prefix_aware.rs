@@ -99,13 +99,13 @@ impl PrefixAware {
     /// in-flight counted over the live replicas only. The least loaded replica
     /// is always under it.
     pub fn load_bound(&self, snapshot: &Snapshot) -> u64 {
+        if snapshot.is_empty() {
+            return 0;
+        }
         let (total, least) = snapshot
             .replicas()
             .map(|(r, _)| self.in_flight.get(r))
             .fold((0u64, u64::MAX), |(t, m), n| (t + n, m.min(n)));
-        if snapshot.is_empty() {
-            return 0;
-        }
         let n = snapshot.len() as f64;
         let relative = (self.config.load_factor * (total as f64 + 1.0) / n).ceil() as u64;
         relative.max(least.saturating_add(self.config.spill_gap))
@@ -221,9 +221,13 @@ impl Policy for PrefixAware {
                 for &c in request.chunks {
                     // A spill does not move a prefix's home: a chunk that has a
                     // live replica keeps it (written again, so it stays young).
-                    let home = match self.affinity.get(c) {
-                        Some(h) if spilled && snapshot.get(h).is_some() => h,
-                        _ => r,
+                    let home = if spilled {
+                        self.affinity
+                            .get(c)
+                            .filter(|&h| snapshot.get(h).is_some())
+                            .unwrap_or(r)
+                    } else {
+                        r
                     };
                     self.affinity.insert(c, home);
                 }
