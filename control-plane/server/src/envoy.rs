@@ -1,13 +1,13 @@
 //! Builds the Envoy resources of each pool: its listener (HTTP connection
 //! manager: the ECDS routing filter, then the router), its route table, its
-//! cluster (EDS members, `override_host` load balancing with a round-robin
+//! cluster (EDS members, `override_host` load balancing with a least-request
 //! fallback) and its endpoints; and the ECDS resource of its routing filter.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
-    Cluster, LoadBalancingPolicy, cluster, load_balancing_policy,
+    CircuitBreakers, Cluster, LoadBalancingPolicy, circuit_breakers, cluster, load_balancing_policy,
 };
 use envoy_types::pb::envoy::config::common::mutation_rules::v3::{
     HeaderMutation as RuleMutation, header_mutation as rule_mutation,
@@ -23,7 +23,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
     FilterConfig, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-    route, route_action, route_match,
+    retry_policy, route, route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::{
     HeaderMutation as HeaderMutationFilter, Mutations,
@@ -37,7 +37,9 @@ use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::
 use envoy_types::pb::envoy::extensions::load_balancing_policies::override_host::v3::{
     OverrideHost, override_host,
 };
+use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{
     Any, BoolValue, Duration as PbDuration, StringValue, UInt32Value,
 };
@@ -292,7 +294,9 @@ pub fn listener(pool: &PoolSpec, with_filter: bool) -> Resource {
 }
 
 /// Where a pool's requests go: its cluster, its timeout, retries that walk to the next
-/// host the filter listed.
+/// host the filter listed. Once the list is spent (or the filter listed none) the
+/// fallback balancer picks, and `previous_hosts` keeps it off the hosts already tried:
+/// least-request alone would prefer a dead replica, whose count of active requests is 0.
 fn route_action(pool: &PoolSpec) -> RouteAction {
     RouteAction {
         cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster_name(
@@ -303,8 +307,43 @@ fn route_action(pool: &PoolSpec) -> RouteAction {
             retry_on: "connect-failure,refused-stream,reset,retriable-status-codes".into(),
             retriable_status_codes: vec![503],
             num_retries: Some(UInt32Value { value: 2 }),
+            retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+                name: "envoy.retry_host_predicates.previous_hosts".into(),
+                config_type: Some(retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                    any(&PreviousHostsPredicate {}),
+                )),
+            }],
+            host_selection_retry_max_attempts: 3,
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// Concurrent retries a pool allows, as a share of its active requests, and at least.
+///
+/// Envoy's default is 3 retries in flight per cluster, and a retry stays in flight for
+/// as long as the retried request runs: a generation of seconds. When a replica dies,
+/// every request that had picked it is retried on the others at once, so with the
+/// default a fourth concurrent one fails outright. Each request still retries at most
+/// twice (the route's `num_retries`), so retries can at most triple the load.
+const RETRY_BUDGET_PERCENT: f64 = 100.0;
+const MIN_RETRY_CONCURRENCY: u32 = 16;
+
+fn circuit_breakers() -> CircuitBreakers {
+    CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            retry_budget: Some(circuit_breakers::thresholds::RetryBudget {
+                budget_percent: Some(Percent {
+                    value: RETRY_BUDGET_PERCENT,
+                }),
+                min_retry_concurrency: Some(UInt32Value {
+                    value: MIN_RETRY_CONCURRENCY,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
         ..Default::default()
     }
 }
@@ -359,6 +398,7 @@ pub fn cluster(pool: &PoolSpec) -> Resource {
         per_connection_buffer_limit_bytes: Some(UInt32Value {
             value: buffer_limit(pool),
         }),
+        circuit_breakers: Some(circuit_breakers()),
         load_balancing_policy: Some(LoadBalancingPolicy {
             policies: vec![load_balancing_policy::Policy {
                 typed_extension_config: Some(TypedExtensionConfig {
