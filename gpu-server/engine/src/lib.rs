@@ -9,6 +9,7 @@
 //!
 //! It does not speak HTTP: callers [`EngineHandle::submit`] token ids and read [`Event`]s.
 
+mod buf;
 mod cost;
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -13,6 +13,7 @@ use kvmesh_gpu_server_kv::{BlockHash, BlockId, BlockManager, Move, Place, Restor
 use kvmesh_gpu_server_model::KvPool;
 use serde::Serialize;
 
+use crate::buf::AlignedBuf;
 use crate::cost::{CostModel, FetchPolicy};
 use crate::disk::{DiskStore, ScanReport};
 
@@ -178,14 +179,14 @@ pub(crate) struct Tiers {
     copier: Box<dyn BlockCopier>,
     pub(crate) cost: CostModel,
     /// Verified disk blocks read ahead of their promotion.
-    staged: HashMap<BlockHash, Vec<u8>>,
+    staged: HashMap<BlockHash, AlignedBuf>,
     pub(crate) bytes: [TierBytes; 3],
     pub(crate) disk_status: DiskStatus,
-    scratch: Vec<u8>,
+    scratch: AlignedBuf,
     /// Blocks staged by read-ahead (counted when they arrive).
     prefetched: u64,
     /// Block buffers kept for reuse by staging reads.
-    spare: Vec<Vec<u8>>,
+    spare: Vec<AlignedBuf>,
 }
 
 /// Staging buffers kept for reuse at most.
@@ -278,7 +279,7 @@ impl Tiers {
             staged: HashMap::new(),
             bytes: [TierBytes::default(); 3],
             disk_status,
-            scratch: vec![0u8; block_bytes],
+            scratch: AlignedBuf::zeroed(block_bytes),
             prefetched: 0,
             spare: Vec::new(),
         };
@@ -305,7 +306,7 @@ impl Tiers {
             }
         }
         if let Some(disk) = &mut self.disk {
-            let mut img = vec![0u8; disk.slot_bytes()];
+            let mut img = AlignedBuf::zeroed(disk.slot_bytes());
             for _ in 0..REPS {
                 let t = Instant::now();
                 if disk.read_raw(0, &mut img).is_ok() {
@@ -355,7 +356,7 @@ impl Tiers {
             let mut buf = self
                 .spare
                 .pop()
-                .unwrap_or_else(|| vec![0u8; self.block_bytes]);
+                .unwrap_or_else(|| AlignedBuf::zeroed(self.block_bytes));
             let t = Instant::now();
             let from_file = !disk.is_pending(slot);
             match disk.read(slot, h, &mut buf) {
@@ -524,7 +525,7 @@ impl Tiers {
         }
     }
 
-    fn recycle(&mut self, buf: Vec<u8>) {
+    fn recycle(&mut self, buf: AlignedBuf) {
         if self.spare.len() < SPARE_BUFFERS && buf.len() == self.block_bytes {
             self.spare.push(buf);
         }
