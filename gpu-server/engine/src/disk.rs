@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use kvmesh_gpu_server_kv::{BlockHash, RestoredBlock};
+use kvmesh_gpu_server_model::aligned::AlignedBytes;
 
-use crate::buf::AlignedBuf;
 use serde::Serialize;
 use twox_hash::XxHash3_64;
 
@@ -63,7 +63,7 @@ enum Job {
     Write {
         slot: u32,
         seq: u64,
-        buf: Arc<AlignedBuf>,
+        buf: Arc<AlignedBytes>,
     },
     /// Read-ahead of a block for a waiting request.
     Read { slot: u32, hash: BlockHash },
@@ -78,7 +78,7 @@ enum Done {
     /// The block's payload if the slot held it intact.
     Read {
         hash: BlockHash,
-        data: Option<AlignedBuf>,
+        data: Option<AlignedBytes>,
     },
 }
 
@@ -95,11 +95,11 @@ pub(crate) struct DiskStore {
     tx: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Done>,
     /// Slot -> (write generation, hash, slot image) while the write is in flight.
-    pending: HashMap<u32, (u64, BlockHash, Arc<AlignedBuf>)>,
+    pending: HashMap<u32, (u64, BlockHash, Arc<AlignedBytes>)>,
     /// Read-aheads asked for and not answered yet.
     reading: HashSet<BlockHash>,
     /// Read-aheads answered: verified payloads.
-    ready: Vec<(BlockHash, AlignedBuf)>,
+    ready: Vec<(BlockHash, AlignedBytes)>,
     seq: u64,
     pub(crate) writes: u64,
     pub(crate) write_errors: u64,
@@ -187,7 +187,7 @@ impl DiskStore {
                         }
                         Job::Read { slot, hash } => {
                             let (f, off) = locate(&writer_files, per_file, slot_bytes, slot);
-                            let mut data = AlignedBuf::zeroed(payload);
+                            let mut data = AlignedBytes::new(payload);
                             let ok = read_slot(f, off, layout, hash, &mut data).is_ok();
                             Done::Read {
                                 hash,
@@ -240,7 +240,7 @@ impl DiskStore {
     fn scan(&mut self) -> (Vec<RestoredBlock>, ScanReport) {
         let mut found = Vec::new();
         let mut report = ScanReport::default();
-        let mut buf = AlignedBuf::zeroed(self.slot_bytes);
+        let mut buf = AlignedBytes::new(self.slot_bytes);
         for slot in 0..self.slots as u32 {
             let (f, off) = self.at(slot);
             // The header first: a slot never written (all zero) costs one page.
@@ -369,7 +369,7 @@ impl DiskStore {
     }
 
     /// Verified payloads of finished read-aheads.
-    pub(crate) fn take_ready(&mut self) -> Vec<(BlockHash, AlignedBuf)> {
+    pub(crate) fn take_ready(&mut self) -> Vec<(BlockHash, AlignedBytes)> {
         std::mem::take(&mut self.ready)
     }
 
@@ -435,7 +435,7 @@ impl Drop for DiskStore {
 pub struct DiskReadProbe {
     store: DiskStore,
     slots: u32,
-    ring: Vec<AlignedBuf>,
+    ring: Vec<AlignedBytes>,
 }
 
 impl DiskReadProbe {
@@ -454,7 +454,7 @@ impl DiskReadProbe {
             return Err(e);
         }
         // As many buffers as a 256-token prefix has blocks: staging recycles its buffers.
-        let ring = (0..16).map(|_| AlignedBuf::zeroed(payload)).collect();
+        let ring = (0..16).map(|_| AlignedBytes::new(payload)).collect();
         Ok(Self { store, slots, ring })
     }
 
@@ -541,8 +541,8 @@ fn image(
     chunks: &[u64],
     written: u64,
     data: &[u8],
-) -> AlignedBuf {
-    let mut buf = AlignedBuf::zeroed(slot_bytes);
+) -> AlignedBytes {
+    let mut buf = AlignedBytes::new(slot_bytes);
     let chunks = &chunks[..chunks.len().min(MAX_CHUNKS)];
     buf[0..8].copy_from_slice(MAGIC);
     buf[8..16].copy_from_slice(&layout.to_le_bytes());

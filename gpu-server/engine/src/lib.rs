@@ -9,7 +9,6 @@
 //!
 //! It does not speak HTTP: callers [`EngineHandle::submit`] token ids and read [`Event`]s.
 
-mod buf;
 mod cost;
 #[cfg(feature = "cuda")]
 mod cuda;

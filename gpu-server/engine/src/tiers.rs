@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use kvmesh_gpu_server_kv::{BlockHash, BlockId, BlockManager, Move, Place, RestoredBlock, Tier};
 use kvmesh_gpu_server_model::KvPool;
+use kvmesh_gpu_server_model::aligned::AlignedBytes;
 use serde::Serialize;
 
-use crate::buf::AlignedBuf;
 use crate::cost::{CostModel, FetchPolicy};
 use crate::disk::{DiskStore, ScanReport};
 
@@ -56,7 +56,7 @@ pub trait BlockCopier: Send + std::fmt::Debug {
 /// and from the GPU run without the CPU.
 #[derive(Debug)]
 pub enum HostMemory {
-    Heap(Box<[u8]>),
+    Heap(AlignedBytes),
     #[cfg(feature = "cuda")]
     Pinned(crate::cuda::Pinned),
 }
@@ -64,7 +64,7 @@ pub enum HostMemory {
 impl HostMemory {
     /// `len` zero bytes on the heap.
     pub fn zeroed(len: usize) -> Self {
-        Self::Heap(vec![0u8; len].into_boxed_slice())
+        Self::Heap(AlignedBytes::new(len))
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -179,14 +179,14 @@ pub(crate) struct Tiers {
     copier: Box<dyn BlockCopier>,
     pub(crate) cost: CostModel,
     /// Verified disk blocks read ahead of their promotion.
-    staged: HashMap<BlockHash, AlignedBuf>,
+    staged: HashMap<BlockHash, AlignedBytes>,
     pub(crate) bytes: [TierBytes; 3],
     pub(crate) disk_status: DiskStatus,
-    scratch: AlignedBuf,
+    scratch: AlignedBytes,
     /// Blocks staged by read-ahead (counted when they arrive).
     prefetched: u64,
     /// Block buffers kept for reuse by staging reads.
-    spare: Vec<AlignedBuf>,
+    spare: Vec<AlignedBytes>,
 }
 
 /// Staging buffers kept for reuse at most.
@@ -279,7 +279,7 @@ impl Tiers {
             staged: HashMap::new(),
             bytes: [TierBytes::default(); 3],
             disk_status,
-            scratch: AlignedBuf::zeroed(block_bytes),
+            scratch: AlignedBytes::new(block_bytes),
             prefetched: 0,
             spare: Vec::new(),
         };
@@ -306,7 +306,7 @@ impl Tiers {
             }
         }
         if let Some(disk) = &mut self.disk {
-            let mut img = AlignedBuf::zeroed(disk.slot_bytes());
+            let mut img = AlignedBytes::new(disk.slot_bytes());
             for _ in 0..REPS {
                 let t = Instant::now();
                 if disk.read_raw(0, &mut img).is_ok() {
@@ -356,7 +356,7 @@ impl Tiers {
             let mut buf = self
                 .spare
                 .pop()
-                .unwrap_or_else(|| AlignedBuf::zeroed(self.block_bytes));
+                .unwrap_or_else(|| AlignedBytes::new(self.block_bytes));
             let t = Instant::now();
             let from_file = !disk.is_pending(slot);
             match disk.read(slot, h, &mut buf) {
@@ -525,7 +525,7 @@ impl Tiers {
         }
     }
 
-    fn recycle(&mut self, buf: AlignedBuf) {
+    fn recycle(&mut self, buf: AlignedBytes) {
         if self.spare.len() < SPARE_BUFFERS && buf.len() == self.block_bytes {
             self.spare.push(buf);
         }

@@ -7,6 +7,7 @@
 //! the caller owns. Which blocks a sequence may use is decided elsewhere (the logical state in
 //! `kvmesh-gpu-server-kv`); this crate only reads and writes the slots it is told to.
 
+pub mod aligned;
 mod config;
 #[cfg(feature = "cuda")]
 mod cuda;

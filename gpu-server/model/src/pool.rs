@@ -15,12 +15,13 @@ use candle_core::{DType, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use crate::aligned::Aligned;
 use crate::config::ModelConfig;
 use crate::llama::Model;
 
 #[derive(Debug)]
 enum Store {
-    Host(Vec<f16>),
+    Host(Aligned<f16>),
     /// `(num_blocks * layers * 2 * block_tokens, kv_dim)` f16 on a GPU.
     Device(Tensor),
 }
@@ -54,7 +55,7 @@ impl KvPool {
             kv_dim: cfg.kv_dim(),
             layers: cfg.layers,
             num_blocks,
-            store: Store::Host(vec![f16::ZERO; num_blocks * block]),
+            store: Store::Host(Aligned::new(num_blocks * block)),
         }
     }
 
