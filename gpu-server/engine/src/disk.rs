@@ -15,7 +15,6 @@ use std::sync::mpsc;
 
 use kvmesh_gpu_server_kv::{BlockHash, RestoredBlock};
 use kvmesh_gpu_server_model::aligned::AlignedBytes;
-
 use serde::Serialize;
 use twox_hash::XxHash3_64;
 
@@ -565,11 +564,31 @@ fn image(
     buf
 }
 
+/// Checks a whole slot image: the header, then a `payload`-byte body.
 fn parse(buf: &[u8], payload: usize, layout: u64) -> Result<RestoredBlock, Bad> {
     if buf.len() < HEADER + payload {
         return Err(Bad::Corrupt);
     }
-    parse_split(&buf[..HEADER], &buf[HEADER..HEADER + payload], layout)
+    let (head, body) = (&buf[..HEADER], &buf[HEADER..HEADER + payload]);
+    let (mut sum, stored) = check_header(head, payload, layout)?;
+    sum.write(body);
+    if sum.finish() != stored {
+        return Err(Bad::Corrupt);
+    }
+    Ok(RestoredBlock {
+        slot: 0,
+        hash: u64_at(head, 16),
+        parent: (head[32] == 1).then(|| u64_at(head, 24)),
+        chunks: (0..chunk_count(head))
+            .map(|i| u64_at(head, 64 + 8 * i))
+            .collect(),
+        written: u64_at(head, 40),
+    })
+}
+
+/// How many text-chunk hashes a header lists.
+fn chunk_count(head: &[u8]) -> usize {
+    u32::from_le_bytes([head[36], head[37], head[38], head[39]]) as usize
 }
 
 enum SlotError {
@@ -614,7 +633,7 @@ fn check_header(buf: &[u8], body_len: usize, layout: u64) -> Result<(XxHash3_64,
     if u64_at(buf, 8) != layout {
         return Err(Bad::Foreign);
     }
-    let n = u32::from_le_bytes([buf[36], buf[37], buf[38], buf[39]]) as usize;
+    let n = chunk_count(buf);
     let len = u64_at(buf, 48) as usize;
     if n > MAX_CHUNKS || len != body_len {
         return Err(Bad::Corrupt);
@@ -623,23 +642,6 @@ fn check_header(buf: &[u8], body_len: usize, layout: u64) -> Result<(XxHash3_64,
         checksum_head(&buf[..56], &buf[64..64 + 8 * n]),
         u64_at(buf, 56),
     ))
-}
-
-/// Checks a slot given as its header and its `payload`-byte body.
-fn parse_split(buf: &[u8], body: &[u8], layout: u64) -> Result<RestoredBlock, Bad> {
-    let (mut sum, stored) = check_header(buf, body.len(), layout)?;
-    sum.write(body);
-    if sum.finish() != stored {
-        return Err(Bad::Corrupt);
-    }
-    let n = u32::from_le_bytes([buf[36], buf[37], buf[38], buf[39]]) as usize;
-    Ok(RestoredBlock {
-        slot: 0,
-        hash: u64_at(buf, 16),
-        parent: (buf[32] == 1).then(|| u64_at(buf, 24)),
-        chunks: (0..n).map(|i| u64_at(buf, 64 + 8 * i)).collect(),
-        written: u64_at(buf, 40),
-    })
 }
 
 #[cfg(test)]
