@@ -13,6 +13,7 @@ mod config;
 mod cuda;
 mod gguf;
 mod llama;
+mod paged;
 mod pool;
 mod q4_1;
 mod safetensors;

@@ -8,6 +8,7 @@ use candle_nn::rotary_emb::{rope, rope_i};
 use crate::config::ModelConfig;
 #[cfg(feature = "cuda")]
 use crate::cuda::{GEMV_ROWS, Kernels};
+use crate::paged::{self, Heads, PAGED_MAX_ROWS, PagedSeq};
 use crate::pool::KvPool;
 use crate::q4_1::Q41Matrix;
 use crate::{ModelError, Result};
@@ -497,7 +498,6 @@ impl Model {
             Err(x) => x,
         };
         let mut x = x;
-        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
             let q = self.rotate(&layer.wq.forward(&h)?, cfg.heads, &cos, &sin)?;
@@ -512,31 +512,7 @@ impl Model {
                 Some(plan) => {
                     self.attend_device(l, plan, &q, &k_rows, &v_rows, batch, pool, &masks)?
                 }
-                None => {
-                    let k_rows = k_rows.flatten_all()?.to_vec1::<f32>()?;
-                    let v_rows = v_rows.flatten_all()?.to_vec1::<f32>()?;
-                    let mut outs = Vec::with_capacity(batch.len());
-                    let mut off = 0;
-                    for (s, mask) in batch.iter().zip(&masks) {
-                        let n = s.tokens.len();
-                        let d = cfg.kv_dim();
-                        let rows = off * d..(off + n) * d;
-                        if !pool.write(l, s.blocks, s.start, &k_rows[rows.clone()], &v_rows[rows]) {
-                            return Err(ModelError::Forward("block id outside the pool".into()));
-                        }
-                        let ctx = s.start + n;
-                        if !pool.gather(l, s.blocks, ctx, &mut kbuf, &mut vbuf) {
-                            return Err(ModelError::Forward("block id outside the pool".into()));
-                        }
-                        let shape = (ctx, cfg.kv_heads, cfg.head_dim);
-                        let kt = Tensor::from_slice(&kbuf, shape, &self.device)?;
-                        let vt = Tensor::from_slice(&vbuf, shape, &self.device)?;
-                        let qs = q.narrow(1, off, n)?.contiguous()?;
-                        outs.push(self.attend(&qs, &kt, &vt, mask.as_ref())?);
-                        off += n;
-                    }
-                    Tensor::cat(&outs, 0)?
-                }
+                None => self.attend_host(l, &q, &k_rows, &v_rows, batch, pool, &masks)?,
             };
             x = (x + layer.wo.forward(&attn)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
@@ -592,6 +568,89 @@ impl Model {
             rope(&x, cos, sin)?
         };
         Ok(y.squeeze(0)?)
+    }
+
+    /// Writes this layer's K and V rows (`(T, kv_dim)` each, every token of the batch) into a
+    /// host pool, then attends: sequences running a few tokens (decode) on the f16 blocks in
+    /// place ([`crate::paged`]), longer prefill chunks one at a time over their context copied
+    /// out into tensors. Returns `(T, heads * head_dim)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_host(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k_rows: &Tensor,
+        v_rows: &Tensor,
+        batch: &[SeqInput<'_>],
+        pool: &mut KvPool,
+        masks: &[Option<Tensor>],
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let outside = || ModelError::Forward("block id outside the pool".into());
+        let (d, width) = (cfg.kv_dim(), cfg.heads * cfg.head_dim);
+        let k_rows = k_rows.flatten_all()?.to_vec1::<f32>()?;
+        let v_rows = v_rows.flatten_all()?.to_vec1::<f32>()?;
+        let mut paged = Vec::new();
+        let mut off = 0;
+        for s in batch {
+            let n = s.tokens.len();
+            let rows = off * d..(off + n) * d;
+            if !pool.write(
+                layer,
+                s.blocks,
+                s.start,
+                &k_rows[rows.clone()],
+                &v_rows[rows],
+            ) {
+                return Err(outside());
+            }
+            if n <= PAGED_MAX_ROWS {
+                paged.push(PagedSeq {
+                    blocks: s.blocks,
+                    start: s.start,
+                    n,
+                    row: off,
+                });
+            }
+            off += n;
+        }
+        let mut out = vec![0f32; off * width];
+        if !paged.is_empty() {
+            // Token-major query rows, as the kernel reads them.
+            let q_rows = q
+                .transpose(0, 1)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let shape = Heads {
+                heads: cfg.heads,
+                kv_heads: cfg.kv_heads,
+                head_dim: cfg.head_dim,
+            };
+            if !paged::attend(pool, layer, shape, &q_rows, &paged, &mut out) {
+                return Err(outside());
+            }
+        }
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+        let mut off = 0;
+        for (s, mask) in batch.iter().zip(masks) {
+            let n = s.tokens.len();
+            if n > PAGED_MAX_ROWS {
+                let ctx = s.start + n;
+                if !pool.gather(layer, s.blocks, ctx, &mut kbuf, &mut vbuf) {
+                    return Err(outside());
+                }
+                let shape = (ctx, cfg.kv_heads, cfg.head_dim);
+                let kt = Tensor::from_slice(&kbuf, shape, &self.device)?;
+                let vt = Tensor::from_slice(&vbuf, shape, &self.device)?;
+                let qs = q.narrow(1, off, n)?.contiguous()?;
+                let o = self.attend(&qs, &kt, &vt, mask.as_ref())?;
+                let o = o.flatten_all()?.to_vec1::<f32>()?;
+                out[off * width..(off + n) * width].copy_from_slice(&o);
+            }
+            off += n;
+        }
+        Ok(Tensor::from_vec(out, (off, width), &self.device)?)
     }
 
     /// Writes this layer's K and V rows (`(T, kv_dim)` each, every token of the batch) into a

@@ -212,8 +212,23 @@ impl KvPool {
         }
     }
 
-    /// Element offset of `pos` of `layer`'s K (`kv` 0) or V (`kv` 1).
-    fn offset(&self, blocks: &[u32], layer: usize, kv: usize, pos: usize) -> Option<usize> {
+    /// The f16 elements of a host pool; `None` for a pool in GPU memory.
+    pub(crate) fn host_data(&self) -> Option<&[f16]> {
+        match &self.store {
+            Store::Host(data) => Some(data),
+            Store::Device(_) => None,
+        }
+    }
+
+    /// Element offset of `pos` of `layer`'s K (`kv` 0) or V (`kv` 1); the rest of `pos`'s
+    /// block follows it (`kv_dim` elements a position).
+    pub(crate) fn offset(
+        &self,
+        blocks: &[u32],
+        layer: usize,
+        kv: usize,
+        pos: usize,
+    ) -> Option<usize> {
         let block = *blocks.get(pos / self.block_tokens)? as usize;
         if block >= self.num_blocks {
             return None;
