@@ -48,6 +48,18 @@ pub(crate) struct PagedSeq<'a> {
     pub(crate) row: usize,
 }
 
+/// One parallel piece of [`attend`]: positions `lo..hi` of `seq`'s context.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    pool: &'a KvPool,
+    layer: usize,
+    shape: Heads,
+    q: &'a [f32],
+    seq: &'a PagedSeq<'a>,
+    lo: usize,
+    hi: usize,
+}
+
 /// A chunk's softmax state for every (row, head) of its sequence.
 struct Partial {
     /// Max score, `-inf` where the row saw nothing of this chunk.
@@ -102,12 +114,20 @@ fn attend_on(
     let parts: Option<Vec<Partial>> = items
         .par_iter()
         .map(|&(s, lo, hi)| {
-            let seq = &seqs[s];
+            let job = Job {
+                pool,
+                layer,
+                shape,
+                q,
+                seq: &seqs[s],
+                lo,
+                hi,
+            };
             #[cfg(target_arch = "x86_64")]
             if let Some(simd) = fast {
-                return simd.chunk(pool, layer, shape, q, seq, lo, hi);
+                return simd.chunk(&job);
             }
-            chunk_scores(Portable, pool, layer, shape, q, seq, lo, hi)
+            chunk_scores(Portable, &job)
         })
         .collect();
     let Some(parts) = parts else {
@@ -165,76 +185,41 @@ impl Simd for Portable {
     }
 }
 
-/// One chunk, positions `lo..hi` of `seq`'s context: scores against every K row the causal
-/// mask lets each query row see, the chunk's softmax, then the weighted sum of V rows.
+/// One chunk: scores against every K row the causal mask lets each query row see, the
+/// chunk's softmax, then the weighted sum of V rows.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn chunk_scores<S: Simd>(
-    simd: S,
-    pool: &KvPool,
-    layer: usize,
-    shape: Heads,
-    q: &[f32],
-    seq: &PagedSeq<'_>,
-    lo: usize,
-    hi: usize,
-) -> Option<Partial> {
+fn chunk_scores<S: Simd>(simd: S, job: &Job<'_>) -> Option<Partial> {
+    let Job {
+        pool,
+        shape,
+        q,
+        seq,
+        lo,
+        hi,
+        ..
+    } = *job;
     let Heads {
         heads,
         kv_heads,
         head_dim: hd,
     } = shape;
-    let group = heads / kv_heads;
     let kv_dim = kv_heads * hd;
     let (n, len) = (seq.n, hi - lo);
     let scale = 1.0 / (hd as f32).sqrt();
-    let data = pool.host_data()?;
-    let bt = pool.block_tokens();
-    // The first row that sees position `p` (row i sits at position start + i).
-    let mut rows = vec![0f32; bt * kv_dim];
+    let mut buf = vec![0f32; pool.block_tokens() * kv_dim];
     let mut scores = vec![f32::NEG_INFINITY; n * heads * len];
-    let qrow = |i: usize, h: usize| {
-        let at = ((seq.row + i) * heads + h) * hd;
-        &q[at..at + hd]
-    };
-    // Runs of consecutive positions inside one block: (first position, count, K offset).
-    let runs = || {
-        let mut pos = lo;
-        std::iter::from_fn(move || {
-            if pos >= hi {
-                return None;
-            }
-            let run = (bt - pos % bt).min(hi - pos);
-            let at = pos;
-            pos += run;
-            Some((at, run))
-        })
-    };
-    // Positions of the run starting at `at` (of `run`) that row `i` sees: the first `vis`.
-    let visible = |i: usize, at: usize, run: usize| (seq.start + i + 1).saturating_sub(at).min(run);
-    for (at, run) in runs() {
-        let off = pool.offset(seq.blocks, layer, 0, at)?;
-        simd.widen(&data[off..off + run * kv_dim], &mut rows[..run * kv_dim]);
-        let k = |j: usize, kv: usize| &rows[j * kv_dim + kv * hd..][..hd];
-        for i in 0..n {
-            let vis = visible(i, at, run);
-            for h in 0..heads {
-                let (q, kv) = (qrow(i, h), h / group);
-                let out = &mut scores[(i * heads + h) * len + (at - lo)..][..vis];
-                let mut j = 0;
-                while j + 4 <= vis {
-                    let s = simd.dot4(q, [k(j, kv), k(j + 1, kv), k(j + 2, kv), k(j + 3, kv)]);
-                    for (o, s) in out[j..j + 4].iter_mut().zip(s) {
-                        *o = s * scale;
-                    }
-                    j += 4;
-                }
-                for (jj, o) in out.iter_mut().enumerate().skip(j) {
-                    *o = simd.dot4(q, [k(jj, kv); 4])[0] * scale;
-                }
+    visit(simd, job, 0, &mut buf, |i, h, k, at, vis| {
+        let q = &q[((seq.row + i) * heads + h) * hd..][..hd];
+        let out = &mut scores[(i * heads + h) * len + (at - lo)..][..vis];
+        for (j, o) in out.chunks_mut(4).enumerate() {
+            let j = 4 * j;
+            let at = |t: usize| k.row((j + t).min(j + o.len() - 1));
+            let s = simd.dot4(q, [at(0), at(1), at(2), at(3)]);
+            for (o, s) in o.iter_mut().zip(s) {
+                *o = s * scale;
             }
         }
-    }
+    })?;
     let mut max = vec![f32::NEG_INFINITY; n * heads];
     let mut sum = vec![0f32; n * heads];
     for (r, row) in scores.chunks_exact_mut(len).enumerate() {
@@ -251,33 +236,89 @@ fn chunk_scores<S: Simd>(
         sum[r] = s;
     }
     let mut acc = vec![0f32; n * heads * hd];
-    for (at, run) in runs() {
-        let off = pool.offset(seq.blocks, layer, 1, at)?;
-        simd.widen(&data[off..off + run * kv_dim], &mut rows[..run * kv_dim]);
-        let v = |j: usize, kv: usize| &rows[j * kv_dim + kv * hd..][..hd];
-        for i in 0..n {
-            let vis = visible(i, at, run);
-            for h in 0..heads {
-                let (r, kv) = (i * heads + h, h / group);
-                let w = &scores[r * len + (at - lo)..][..vis];
-                let acc = &mut acc[r * hd..][..hd];
-                let mut j = 0;
-                while j + 4 <= vis {
-                    let ws = [w[j], w[j + 1], w[j + 2], w[j + 3]];
-                    simd.axpy4(
-                        acc,
-                        ws,
-                        [v(j, kv), v(j + 1, kv), v(j + 2, kv), v(j + 3, kv)],
-                    );
-                    j += 4;
-                }
-                for (jj, &wj) in w.iter().enumerate().skip(j) {
-                    simd.axpy4(acc, [wj, 0.0, 0.0, 0.0], [v(jj, kv); 4]);
-                }
+    visit(simd, job, 1, &mut buf, |i, h, v, at, vis| {
+        let r = i * heads + h;
+        let w = &scores[r * len + (at - lo)..][..vis];
+        let acc = &mut acc[r * hd..][..hd];
+        for (j, w) in w.chunks(4).enumerate() {
+            let j = 4 * j;
+            // A short last group weighs its missing rows by zero.
+            let wt = |t: usize| w.get(t).copied().unwrap_or(0.0);
+            let at = |t: usize| v.row((j + t).min(j + w.len() - 1));
+            simd.axpy4(
+                acc,
+                [wt(0), wt(1), wt(2), wt(3)],
+                [at(0), at(1), at(2), at(3)],
+            );
+        }
+    })?;
+    Some(Partial { max, sum, acc })
+}
+
+/// The K or V rows of one run of positions, widened.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    buf: &'a [f32],
+    kv_dim: usize,
+    /// Where the visited head's KV head starts in a position's row.
+    off: usize,
+    head_dim: usize,
+}
+
+impl Rows<'_> {
+    /// The KV head's `head_dim` values of the run's `j`th position.
+    #[inline(always)]
+    fn row(&self, j: usize) -> &[f32] {
+        &self.buf[j * self.kv_dim + self.off..][..self.head_dim]
+    }
+}
+
+/// For each run of `job`'s positions inside one block, its K (`which` 0) or V (1) rows widened
+/// into `buf`, then for every query row `i` and head `h`: `f(i, h, the rows of h's KV head,
+/// the run's first position, how many of the run's positions row i sees)`. `None` if a block
+/// id is outside the pool.
+#[inline(always)]
+fn visit<S: Simd>(
+    simd: S,
+    job: &Job<'_>,
+    which: usize,
+    buf: &mut [f32],
+    mut f: impl FnMut(usize, usize, Rows<'_>, usize, usize),
+) -> Option<()> {
+    let Job {
+        pool,
+        layer,
+        shape,
+        seq,
+        lo,
+        hi,
+        ..
+    } = *job;
+    let hd = shape.head_dim;
+    let kv_dim = shape.kv_heads * hd;
+    let group = shape.heads / shape.kv_heads;
+    let (data, bt) = (pool.host_data()?, pool.block_tokens());
+    let mut at = lo;
+    while at < hi {
+        let run = (bt - at % bt).min(hi - at);
+        let off = pool.offset(seq.blocks, layer, which, at)?;
+        simd.widen(&data[off..off + run * kv_dim], &mut buf[..run * kv_dim]);
+        for i in 0..seq.n {
+            // Row i sits at position start + i and sees every position up to it.
+            let vis = (seq.start + i + 1).saturating_sub(at).min(run);
+            for h in 0..shape.heads {
+                let rows = Rows {
+                    buf,
+                    kv_dim,
+                    off: h / group * hd,
+                    head_dim: hd,
+                };
+                f(i, h, rows, at, vis);
             }
         }
+        at += run;
     }
-    Some(Partial { max, sum, acc })
+    Some(())
 }
 
 /// Merges the chunks of each sequence into its output rows.
@@ -322,8 +363,7 @@ mod avx2 {
 
     use half::f16;
 
-    use super::{Heads, PagedSeq, Partial, Simd, chunk_scores};
-    use crate::pool::KvPool;
+    use super::{Job, Partial, Simd, chunk_scores};
 
     /// Proof that this CPU has AVX2, FMA and F16C: made only by [`Avx2::detect`].
     #[derive(Debug, Clone, Copy)]
@@ -338,35 +378,15 @@ mod avx2 {
         }
 
         /// [`chunk_scores`] compiled for these features, so the intrinsics inline.
-        #[allow(clippy::too_many_arguments)]
-        pub(super) fn chunk(
-            self,
-            pool: &KvPool,
-            layer: usize,
-            shape: Heads,
-            q: &[f32],
-            seq: &PagedSeq<'_>,
-            lo: usize,
-            hi: usize,
-        ) -> Option<Partial> {
+        pub(super) fn chunk(self, job: &Job<'_>) -> Option<Partial> {
             // SAFETY: an `Avx2` exists only where `detect` found the features.
-            unsafe { chunk_features(self, pool, layer, shape, q, seq, lo, hi) }
+            unsafe { chunk_features(self, job) }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    fn chunk_features(
-        simd: Avx2,
-        pool: &KvPool,
-        layer: usize,
-        shape: Heads,
-        q: &[f32],
-        seq: &PagedSeq<'_>,
-        lo: usize,
-        hi: usize,
-    ) -> Option<Partial> {
-        chunk_scores(simd, pool, layer, shape, q, seq, lo, hi)
+    fn chunk_features(simd: Avx2, job: &Job<'_>) -> Option<Partial> {
+        chunk_scores(simd, job)
     }
 
     // The methods need rows whose length is a multiple of 8 (`attend` checks the head dim)
