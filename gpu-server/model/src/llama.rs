@@ -487,10 +487,16 @@ impl Model {
             true => Some(DevicePlan::new(batch, pool, &self.device, self.act)?),
             false => None,
         };
-        // Causal masks of the sequences that run several tokens, made once for every layer.
+        // Causal masks of the sequences that run several tokens, made once for every layer;
+        // none for those the host pool's paged attention serves (it masks by position).
         let masks = batch
             .iter()
-            .map(|s| causal_mask(s.start, s.tokens.len(), &self.device, self.act))
+            .map(
+                |s| match plan.is_none() && s.tokens.len() <= PAGED_MAX_ROWS {
+                    true => Ok(None),
+                    false => causal_mask(s.start, s.tokens.len(), &self.device, self.act),
+                },
+            )
             .collect::<Result<Vec<_>>>()?;
         #[cfg(feature = "cuda")]
         let x = match self.decode_on_kernels(x, &cos, &sin, plan.as_ref(), pool)? {
