@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::cuda::{GEMV_ROWS, Kernels};
 use crate::paged::{self, Heads, PAGED_MAX_ROWS, PagedSeq};
 use crate::pool::KvPool;
-use crate::q4_1::Q41Matrix;
+use crate::q4_1::{Q41Matrix, QRows};
 use crate::{ModelError, Result};
 
 /// The weight `(out, in)` of a projection.
@@ -38,20 +38,28 @@ impl Weight {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(w) => Ok(w.forward(x)?),
-            Self::Q41(w) => {
-                let (n, k) = w.dims();
-                let m = x.dim(0)?;
-                let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                if xs.len() != m * k {
-                    return Err(ModelError::Forward(format!(
-                        "input of {} values for a ({n}, {k}) weight",
-                        xs.len()
-                    )));
-                }
-                Ok(Tensor::from_vec(w.matmul(&xs, m), (m, n), x.device())?)
-            }
+            Self::Q41(w) => q41_product(w, &q41_input(x, w.dims().1)?, x.device()),
         }
     }
+}
+
+/// `x`, `(m, k)`, quantized for Q4_1 weights `k` wide.
+fn q41_input(x: &Tensor, k: usize) -> Result<QRows> {
+    let m = x.dim(0)?;
+    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    if xs.len() != m * k {
+        return Err(ModelError::Forward(format!(
+            "input of {} values for a weight {k} wide",
+            xs.len()
+        )));
+    }
+    Ok(QRows::new(&xs, m, k))
+}
+
+fn q41_product(w: &Q41Matrix, x: &QRows, device: &Device) -> Result<Tensor> {
+    let y = w.matmul_quantized(x);
+    let n = w.dims().0;
+    Ok(Tensor::from_vec(y, (x.rows(), n), device)?)
 }
 
 /// A projection: weight `(out, in)` and an optional bias.
@@ -63,11 +71,38 @@ pub(crate) struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
+        self.add_bias(self.w.forward(x)?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// `x` through each of `lins` (q, k and v; gate and up): where all are Q4_1 weights of
+    /// one width, `x` is quantized once for all of them.
+    fn forward_each<const N: usize>(lins: [&Self; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let q41 = lins.map(|l| match &l.w {
+            Weight::Q41(w) => Some(w),
+            Weight::Candle(_) => None,
+        });
+        let width = q41.first().copied().flatten().map(|w| w.dims().1);
+        let shared = match width {
+            Some(k) if q41.iter().all(|w| w.is_some_and(|w| w.dims().1 == k)) => {
+                Some(q41_input(x, k)?)
+            }
+            _ => None,
+        };
+        let mut out = Vec::with_capacity(N);
+        for (l, w) in lins.into_iter().zip(q41) {
+            out.push(match (&shared, w) {
+                (Some(q), Some(w)) => l.add_bias(q41_product(w, q, x.device())?)?,
+                _ => l.forward(x)?,
+            });
+        }
+        Ok(out.try_into().unwrap_or_else(|_| unreachable!("N outputs")))
     }
 }
 
@@ -506,14 +541,14 @@ impl Model {
         let mut x = x;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = self.rotate(&layer.wq.forward(&h)?, cfg.heads, &cos, &sin)?;
-            let k = self.rotate(&layer.wk.forward(&h)?, cfg.kv_heads, &cos, &sin)?;
+            let [q, k, v_rows] = Linear::forward_each([&layer.wq, &layer.wk, &layer.wv], &h)?;
+            let q = self.rotate(&q, cfg.heads, &cos, &sin)?;
+            let k = self.rotate(&k, cfg.kv_heads, &cos, &sin)?;
             // Back to token-major rows for the pool.
             let k_rows = k
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape((total, cfg.kv_dim()))?;
-            let v_rows = layer.wv.forward(&h)?;
             let attn = match &plan {
                 Some(plan) => {
                     self.attend_device(l, plan, &q, &k_rows, &v_rows, batch, pool, &masks)?
@@ -522,7 +557,8 @@ impl Model {
             };
             x = (x + layer.wo.forward(&attn)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-            let ff = (silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let [gate, up] = Linear::forward_each([&layer.gate, &layer.up], &h)?;
+            let ff = (silu(&gate)? * up)?;
             x = (x + layer.down.forward(&ff)?)?;
         }
         // Only the rows whose logits are wanted go through the (large) output projection.

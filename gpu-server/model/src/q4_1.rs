@@ -111,50 +111,95 @@ impl Q41Matrix {
     }
 
     /// `x` is `(m, k)` row-major; returns `x @ w^T`, `(m, n)` row-major.
+    #[cfg(test)]
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let kb = self.k / QK;
-        debug_assert_eq!(x.len(), m * self.k);
-        let mut xq = vec![X_ZERO; m * kb];
-        for (row, q) in x.chunks_exact(self.k).zip(xq.chunks_exact_mut(kb)) {
-            quantize(row, q);
-        }
+        self.matmul_quantized(&QRows::new(x, m, self.k))
+    }
+
+    /// [`matmul`](Self::matmul) on activations already quantized, so that projections of one
+    /// input (q, k and v; gate and up) quantize it once.
+    pub(crate) fn matmul_quantized(&self, x: &QRows) -> Vec<f32> {
+        let (m, n, kb) = (x.m, self.n, self.k / QK);
+        assert_eq!(x.kb, kb, "activations of another width");
         // Work items are runs of ROWS weight rows (a few KB: they stay in L1). Within an item,
         // each quad of activation rows is loaded once and dotted with every weight row of the
         // item, so the activations stream from L2 once per item rather than once per weight
-        // row. Output is computed transposed, `(n, m)`, so every item writes one contiguous run.
+        // row. Each item writes its own columns of every output row, in place: no transpose
+        // after the parallel loop, where one core would wait for the other.
         const ROWS: usize = 8;
-        let mut out_t = vec![0f32; self.n * m];
+        let mut out = vec![0f32; m * n];
+        let dst = Columns(out.as_mut_ptr());
         let quads = m / 4;
-        out_t
-            .par_chunks_mut(ROWS * m)
-            .enumerate()
-            .for_each(|(item, out)| {
-                let first = item * ROWS;
-                let rows = out.len() / m;
-                let w = |r: usize| &self.blocks[(first + r) * kb..(first + r + 1) * kb];
-                let x = |i: usize| &xq[i * kb..(i + 1) * kb];
-                for q in 0..quads {
-                    let xs = [x(4 * q), x(4 * q + 1), x(4 * q + 2), x(4 * q + 3)];
-                    for r in 0..rows {
-                        out[r * m + 4 * q..r * m + 4 * q + 4].copy_from_slice(&dot4(w(r), xs));
+        (0..n.div_ceil(ROWS)).into_par_iter().for_each(|item| {
+            let first = item * ROWS;
+            let rows = ROWS.min(n - first);
+            let w = |r: usize| &self.blocks[(first + r) * kb..(first + r + 1) * kb];
+            let x = |i: usize| &x.blocks[i * kb..(i + 1) * kb];
+            // SAFETY (every `put`): `i < m` and `first + r < n`, so the index is inside the
+            // `m * n` output, which outlives the loop; items own disjoint columns
+            // `first..first + rows`, so no two threads write one element.
+            let put = |i: usize, r: usize, v: f32| unsafe { dst.put(i * n + first + r, v) };
+            for q in 0..quads {
+                let xs = [x(4 * q), x(4 * q + 1), x(4 * q + 2), x(4 * q + 3)];
+                for r in 0..rows {
+                    for (j, v) in dot4(w(r), xs).into_iter().enumerate() {
+                        put(4 * q + j, r, v);
                     }
                 }
-                for i in 4 * quads..m {
-                    for r in 0..rows {
-                        out[r * m + i] = dot(w(r), x(i));
-                    }
-                }
-            });
-        if m == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; m * self.n];
-        for (j, col) in out_t.chunks_exact(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                out[i * self.n + j] = v;
             }
-        }
+            for i in 4 * quads..m {
+                for r in 0..rows {
+                    put(i, r, dot(w(r), x(i)));
+                }
+            }
+        });
         out
+    }
+}
+
+/// The output of [`Q41Matrix::matmul_quantized`], written by its parallel work items, each into
+/// its own columns.
+#[derive(Clone, Copy)]
+struct Columns(*mut f32);
+
+// SAFETY: shared only inside `matmul_quantized`, whose items write disjoint elements.
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// # Safety
+    /// `at` is inside the buffer, and no other thread reads or writes that element meanwhile.
+    unsafe fn put(self, at: usize, v: f32) {
+        // SAFETY: as the caller promises.
+        unsafe { self.0.add(at).write(v) }
+    }
+}
+
+/// `m` rows of activations quantized to Q8_1 for a Q4_1 weight `k` wide.
+#[derive(Debug)]
+pub(crate) struct QRows {
+    m: usize,
+    kb: usize,
+    blocks: Vec<XBlock>,
+}
+
+impl QRows {
+    /// Quantizes `x`, `(m, k)` row-major.
+    pub(crate) fn new(x: &[f32], m: usize, k: usize) -> Self {
+        assert!(
+            k.is_multiple_of(QK) && x.len() == m * k,
+            "({m}, {k}) activations"
+        );
+        let kb = k / QK;
+        let mut blocks = vec![X_ZERO; m * kb];
+        for (row, q) in x.chunks_exact(k).zip(blocks.chunks_exact_mut(kb)) {
+            quantize(row, q);
+        }
+        Self { m, kb, blocks }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.m
     }
 }
 
@@ -375,7 +420,7 @@ mod tests {
             .to_vec2::<f32>()
             .unwrap();
         let candle = QMatMul::from_qtensor(qt).unwrap();
-        for m in [1, 5, 8] {
+        for m in [1, 5, 8, 13] {
             let x = random(m, k, 4 + m as u64);
             let theirs = candle
                 .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
