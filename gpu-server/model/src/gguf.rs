@@ -64,7 +64,7 @@ impl Meta<'_> {
 }
 
 /// The matmul for a GGUF weight: dequantized when `opts.weights` asks for a float type;
-/// otherwise kvmesh's AVX2 kernel for Q4_1 where this CPU has AVX2 and FMA and
+/// otherwise kvmesh's AVX2 kernel for Q4_1 where this CPU has AVX2, FMA and F16C and
 /// `opts.fast_q4_1` allows it (candle's Q4_1 matmul is scalar code on x86), candle's otherwise.
 fn weight(t: Arc<QTensor>, opts: &LoadOptions) -> Result<Weight> {
     if let Some(dtype) = opts.weights {

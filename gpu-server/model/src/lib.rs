@@ -63,7 +63,7 @@ pub struct Loaded {
 /// How weights are prepared at load.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Run Q4_1 weights with kvmesh's AVX2 kernel where the CPU has AVX2 and FMA (candle's
+    /// Run Q4_1 weights with kvmesh's AVX2 kernel where the CPU has AVX2, FMA and F16C (candle's
     /// Q4_1 matmul is scalar code on x86-64). On by default; off leaves every weight to candle.
     /// CPU only.
     pub fast_q4_1: bool,

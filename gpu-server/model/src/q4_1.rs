@@ -8,7 +8,7 @@
 //! as llama.cpp's AVX2 `quantize_row_q8_1` does (scale `amax / 127` rounded to f16, values
 //! rounded half to even), and the dot product accumulates in the same order.
 //!
-//! Used only where the CPU has AVX2 and FMA ([`Q41Matrix::supported`]); elsewhere the weights
+//! Used only where the CPU has AVX2, FMA and F16C ([`Q41Matrix::supported`]); elsewhere the weights
 //! stay with candle.
 
 #![allow(unsafe_code)] // std::arch intrinsics, called only after runtime feature detection
@@ -21,14 +21,24 @@ use crate::{ModelError, Result};
 
 const QK: usize = 32;
 
-/// One Q4_1 block with its scales widened to f32 once at load: `w = d * q + m`, `q` in 0..16,
-/// low nibbles are values 0..16 of the block, high nibbles 16..32.
+/// One Q4_1 block as GGUF stores it (20 bytes): `w = d * q + m`, `q` in 0..16, low nibbles
+/// are values 0..16 of the block, high nibbles 16..32. The scales stay f16 (`dm`: `d` in the
+/// low half, `m` in the high half) and are widened as they are used: a decode step streams
+/// every block from memory, and f32 scales made that a fifth more bytes.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 struct WBlock {
-    d: f32,
-    m: f32,
+    dm: u32,
     qs: [u8; QK / 2],
+}
+
+impl WBlock {
+    /// `(d, m)` in f32 (portable; the AVX2 kernels widen with F16C).
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    fn scales(&self) -> (f32, f32) {
+        let half = |bits: u32| f16::from_bits(bits as u16).to_f32();
+        (half(self.dm), half(self.dm >> 16))
+    }
 }
 
 /// One Q8_1 block of activations: `x = d * q`; `s = d * sum(q)` (both rounded through f16, as
@@ -56,12 +66,13 @@ pub(crate) struct Q41Matrix {
 }
 
 impl Q41Matrix {
-    /// Whether this CPU runs the kernel (x86-64 with AVX2 and FMA).
+    /// Whether this CPU runs the kernel (x86-64 with AVX2, FMA and F16C).
     pub(crate) fn supported() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -90,15 +101,13 @@ impl Q41Matrix {
                 raw.len()
             )));
         }
-        let f16_at = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
         let blocks = raw
             .chunks_exact(RAW)
             .map(|b| {
                 let mut qs = [0u8; QK / 2];
                 qs.copy_from_slice(&b[4..]);
                 WBlock {
-                    d: f16_at(b, 0),
-                    m: f16_at(b, 2),
+                    dm: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
                     qs,
                 }
             })
@@ -236,7 +245,7 @@ fn quantize_row(x: &[f32], out: &mut [XBlock]) {
 fn dot(w: &[WBlock], x: &[XBlock]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: a `Q41Matrix` exists only where `supported()` found AVX2 and FMA
+        // SAFETY: a `Q41Matrix` exists only where `supported()` found AVX2, FMA and F16C
         // (`from_qtensor`); the slices' lengths are checked inside.
         unsafe { avx2::dot(w, x) }
     }
@@ -269,7 +278,8 @@ fn dot_scalar(w: &[WBlock], x: &[XBlock]) -> f32 {
             sumi += (b.qs[j] & 0x0F) as i32 * y.qs[j] as i32;
             sumi += (b.qs[j] >> 4) as i32 * y.qs[j + QK / 2] as i32;
         }
-        acc += sumi as f32 * b.d * y.d + b.m * y.s;
+        let (d, m) = b.scales();
+        acc += sumi as f32 * d * y.d + m * y.s;
     }
     acc
 }
@@ -280,8 +290,15 @@ mod avx2 {
 
     use super::{QK, WBlock, XBlock};
 
+    /// A block's `(d, m)`, widened from f16 in one instruction.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scales(b: &WBlock) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(b.dm as i32));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+    }
+
     /// llama.cpp's `ggml_vec_dot_q4_1_q8_1`, AVX2 branch.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot(w: &[WBlock], x: &[XBlock]) -> f32 {
         assert_eq!(w.len(), x.len());
         let low = _mm256_set1_epi8(0x0F);
@@ -289,7 +306,8 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let mut summs = 0f32;
         for (b, y) in w.iter().zip(x) {
-            summs += b.m * y.s;
+            let (d, m) = scales(b);
+            summs += m * y.s;
             // SAFETY: `qs` are 16 and 32 bytes long; unaligned loads.
             let (nib, qy) = unsafe {
                 (
@@ -301,14 +319,14 @@ mod avx2 {
             let qx = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(nib, 4), nib));
             let pairs = _mm256_maddubs_epi16(qx, qy);
             let xy = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(b.d * y.d), xy, acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), xy, acc);
         }
         hsum(acc) + summs
     }
 
     /// [`dot`] against four activation rows; each weight block is unpacked once. Every row's
     /// sum is formed in the same order as `dot` forms it, so results are bit-identical.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot4(w: &[WBlock], x: [&[XBlock]; 4]) -> [f32; 4] {
         for r in &x {
             assert_eq!(w.len(), r.len());
@@ -318,17 +336,18 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut summs = [0f32; 4];
         for (k, b) in w.iter().enumerate() {
+            let (d, m) = scales(b);
             // SAFETY: `qs` is 16 bytes long; unaligned load.
             let nib = unsafe { _mm_loadu_si128(b.qs.as_ptr().cast()) };
             let qx = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(nib, 4), nib));
             for r in 0..4 {
                 let y = &x[r][k];
-                summs[r] += b.m * y.s;
+                summs[r] += m * y.s;
                 // SAFETY: `qs` is 32 bytes long; unaligned load.
                 let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
                 let pairs = _mm256_maddubs_epi16(qx, qy);
                 let xy = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(b.d * y.d), xy, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), xy, acc[r]);
             }
         }
         [0, 1, 2, 3].map(|r| hsum(acc[r]) + summs[r])
