@@ -485,6 +485,18 @@ impl Model {
     /// Returns per sequence its logits, `(rows, vocab)` in host memory: the last token's only,
     /// or every token's when `all_logits`.
     pub fn forward(&self, batch: &[SeqInput<'_>], pool: &mut KvPool) -> Result<Vec<Tensor>> {
+        if self.device.is_cpu() {
+            // On the CPU each matmul, attention chunk and most candle ops of the step is a
+            // parallel loop on rayon's pool. Started from outside the pool (the engine's
+            // thread), every loop is handed to the pool and waited for, a futex wake and sleep
+            // each, hundreds a decode step; started on a worker, it begins at once on that
+            // worker. So the whole step runs on a worker: one hand-off a step.
+            return rayon::scope(|_| self.step(batch, pool));
+        }
+        self.step(batch, pool)
+    }
+
+    fn step(&self, batch: &[SeqInput<'_>], pool: &mut KvPool) -> Result<Vec<Tensor>> {
         let cfg = &self.cfg;
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         if total == 0 {
