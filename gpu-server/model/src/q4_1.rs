@@ -125,8 +125,8 @@ impl Q41Matrix {
         self.matmul_quantized(&QRows::new(x, m, self.k))
     }
 
-    /// [`matmul`](Self::matmul) on activations already quantized, so that projections of one
-    /// input (q, k and v; gate and up) quantize it once.
+    /// `x @ w^T`, `(m, n)` row-major, for activations already quantized ([`QRows`]), so that
+    /// projections of one input (q, k and v; gate and up) quantize it once.
     pub(crate) fn matmul_quantized(&self, x: &QRows) -> Vec<f32> {
         let (m, n, kb) = (x.m, self.n, self.k / QK);
         assert_eq!(x.kb, kb, "activations of another width");
