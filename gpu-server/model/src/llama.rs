@@ -84,24 +84,26 @@ impl Linear {
     /// `x` through each of `lins` (q, k and v; gate and up): where all are Q4_1 weights of
     /// one width, `x` is quantized once for all of them.
     fn forward_each<const N: usize>(lins: [&Self; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let q41 = lins.map(|l| match &l.w {
-            Weight::Q41(w) => Some(w),
-            Weight::Candle(_) => None,
-        });
-        let width = q41.first().copied().flatten().map(|w| w.dims().1);
-        let shared = match width {
-            Some(k) if q41.iter().all(|w| w.is_some_and(|w| w.dims().1 == k)) => {
-                Some(q41_input(x, k)?)
+        let q41: Option<Vec<&Q41Matrix>> = lins
+            .iter()
+            .map(|l| match &l.w {
+                Weight::Q41(w) => Some(w),
+                Weight::Candle(_) => None,
+            })
+            .collect();
+        let out = match q41 {
+            Some(ws) if ws.iter().all(|w| w.dims().1 == ws[0].dims().1) => {
+                let q = q41_input(x, ws[0].dims().1)?;
+                lins.iter()
+                    .zip(ws)
+                    .map(|(l, w)| l.add_bias(q41_product(w, &q, x.device())?))
+                    .collect::<Result<Vec<_>>>()?
             }
-            _ => None,
+            _ => lins
+                .iter()
+                .map(|l| l.forward(x))
+                .collect::<Result<Vec<_>>>()?,
         };
-        let mut out = Vec::with_capacity(N);
-        for (l, w) in lins.into_iter().zip(q41) {
-            out.push(match (&shared, w) {
-                (Some(q), Some(w)) => l.add_bias(q41_product(w, q, x.device())?)?,
-                _ => l.forward(x)?,
-            });
-        }
         Ok(out.try_into().unwrap_or_else(|_| unreachable!("N outputs")))
     }
 }
@@ -538,12 +540,13 @@ impl Model {
         // none for those the host pool's paged attention serves (it masks by position).
         let masks = batch
             .iter()
-            .map(
-                |s| match plan.is_none() && s.tokens.len() <= PAGED_MAX_ROWS {
-                    true => Ok(None),
-                    false => causal_mask(s.start, s.tokens.len(), &self.device, self.act),
-                },
-            )
+            .map(|s| {
+                if plan.is_none() && s.tokens.len() <= PAGED_MAX_ROWS {
+                    Ok(None)
+                } else {
+                    causal_mask(s.start, s.tokens.len(), &self.device, self.act)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         #[cfg(feature = "cuda")]
         let x = match self.decode_on_kernels(x, &cos, &sin, plan.as_ref(), pool)? {
