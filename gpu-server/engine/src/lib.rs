@@ -17,6 +17,7 @@ mod report;
 mod sampling;
 mod scheduler;
 mod tiers;
+mod xxh3;
 
 pub use cost::{FetchPolicy, TierCostReport};
 #[cfg(feature = "cuda")]

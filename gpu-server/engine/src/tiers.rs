@@ -162,6 +162,9 @@ pub struct DiskStatus {
     pub writes: u64,
     pub write_errors: u64,
     pub reads: u64,
+    /// Of `reads`, those copied out of the slabs' mapping (every page in the page cache);
+    /// the rest were `pread`s.
+    pub reads_mapped: u64,
     /// Reads that found a corrupt or foreign slot (the block was dropped, not served).
     pub read_errors: u64,
     pub pending_writes: u64,
@@ -536,6 +539,7 @@ impl Tiers {
             self.disk_status.writes = d.writes;
             self.disk_status.write_errors = d.write_errors;
             self.disk_status.reads = d.reads;
+            self.disk_status.reads_mapped = d.mapped_reads;
             self.disk_status.read_errors = d.read_errors;
             self.disk_status.pending_writes = d.pending() as u64;
         }

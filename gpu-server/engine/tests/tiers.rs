@@ -168,6 +168,8 @@ fn a_prefix_from_each_tier_gives_the_logits_of_recompute() {
     let s = e.status();
     assert_eq!(tier(&s, Tier::Disk).counters.promotions, 6);
     assert!(s.disk.reads >= 6, "read from the files: {:?}", s.disk);
+    // Written moments ago, so in the page cache: copied out of the slabs' mapping.
+    assert_eq!(s.disk.reads_mapped, s.disk.reads, "{:?}", s.disk);
     assert!(
         max_diff(&cold, &warm) < TOL,
         "disk {}",

@@ -333,6 +333,16 @@ fn tiers(s: &Status, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error>
         "Disk block writes that failed",
         d.write_errors,
     )?;
+    counter(
+        "kvmesh_kv_disk_reads",
+        "Disk block reads (promotions and read-aheads; a block still being written is served from its buffer and not counted)",
+        d.reads,
+    )?;
+    counter(
+        "kvmesh_kv_disk_reads_mapped",
+        "Disk block reads copied out of the page cache through the slabs' mapping (the rest used pread)",
+        d.reads_mapped,
+    )?;
     Ok(())
 }
 

@@ -158,7 +158,7 @@ async fn a_killed_server_restarts_serving_only_valid_disk_blocks() {
     for i in 0..slots {
         let mut h = [0u8; 48];
         f.read_exact_at(&mut h, i * SLOT_BYTES).unwrap();
-        if &h[..8] == b"KVMSLAB1" {
+        if &h[..8] == b"KVMSLAB2" {
             let written = u64::from_le_bytes(h[40..48].try_into().unwrap());
             if written >= last.0 {
                 last = (written, Some(i));

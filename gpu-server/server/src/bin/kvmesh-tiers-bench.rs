@@ -227,7 +227,8 @@ fn disk_read_bw(dir: &std::path::Path, chunk: usize, payload: usize) -> anyhow::
         DiskReadProbe::new(&probe_dir, payload, n * chunk).map_err(anyhow::Error::msg)?;
     let mut out = json!({});
     for (name, cold) in [("page_cache_warm", false), ("page_cache_cold", true)] {
-        let (mut seq, mut tier) = (Vec::new(), Vec::new());
+        let (mut seq, mut tier, mut mapped, mut pread) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..4 {
             if cold {
                 evict_page_cache(&f)?;
@@ -237,13 +238,22 @@ fn disk_read_bw(dir: &std::path::Path, chunk: usize, payload: usize) -> anyhow::
                 f.read_exact_at(&mut buf, (i * chunk) as u64)?;
             }
             seq.push((n * chunk) as f64 / t.elapsed().as_secs_f64());
-            tier.push(probe.pass(cold).map_err(anyhow::Error::msg)?);
+            let (bw, share) = probe.pass(cold, true).map_err(anyhow::Error::msg)?;
+            tier.push(bw);
+            mapped.push(share);
+            // The same reads kept on `pread` (the path before the mapping), side by side.
+            pread.push(probe.pass(cold, false).map_err(anyhow::Error::msg)?.0);
         }
         let (s, t) = (median(seq[1..].to_vec()), median(tier[1..].to_vec()));
+        let p = median(pread[1..].to_vec());
         out[name] = json!({
             "seq_read_bytes_per_s": s,
             "disk_tier_read_bytes_per_s": t,
             "disk_tier_read_vs_seq_read": t / s,
+            // Share of the tier's reads copied out of the mapping (the rest by `pread`).
+            "disk_tier_reads_mapped": median(mapped[1..].to_vec()),
+            "disk_tier_pread_only_bytes_per_s": p,
+            "disk_tier_pread_only_vs_seq_read": p / s,
         });
     }
     drop(probe);
