@@ -72,6 +72,10 @@ struct GenArgs {
     /// Turns per multi-turn session.
     #[arg(long, default_value_t = 6)]
     turns: u32,
+    /// Popularity of tenants and documents: group k with weight 1/(k+1)^skew
+    /// (1: Zipf, 0: uniform).
+    #[arg(long, default_value_t = 1.0)]
+    skew: f64,
 }
 
 impl GenArgs {
@@ -79,6 +83,7 @@ impl GenArgs {
         let w = match self.workload {
             Kind::SharedSystem => Workload::SharedSystemPrompts {
                 tenants: self.groups,
+                skew: self.skew,
                 system_bytes: self.shared_bytes,
                 question_bytes: self.unique_bytes,
             },
@@ -90,6 +95,7 @@ impl GenArgs {
             },
             Kind::LongDoc => Workload::LongDocQa {
                 documents: self.groups,
+                skew: self.skew,
                 document_bytes: self.shared_bytes,
                 question_bytes: self.unique_bytes,
             },

@@ -12,10 +12,13 @@ use crate::TraceRequest;
 pub enum Workload {
     /// Chat requests from several tenants; each tenant has its own long
     /// system prompt shared by all its requests, followed by a fresh
-    /// question. Tenants are picked Zipf-like (tenant k with weight 1/(k+1)).
+    /// question. Tenant k is picked with weight `1/(k+1)^skew`.
     SharedSystemPrompts {
         /// Number of tenants.
         tenants: u32,
+        /// Popularity skew: 1 is Zipf (tenant k with weight 1/(k+1)), 0 is
+        /// uniform (the shape of SGLang's generated-shared-prefix benchmark).
+        skew: f64,
         /// Bytes of each tenant's system prompt.
         system_bytes: usize,
         /// Bytes of each question.
@@ -34,10 +37,13 @@ pub enum Workload {
         reply_bytes: usize,
     },
     /// Completions over long documents: `Document: ... Question: ...`, so
-    /// questions on one document share its prefix. Documents Zipf-like.
+    /// questions on one document share its prefix. Document k is picked with
+    /// weight `1/(k+1)^skew`.
     LongDocQa {
         /// Number of documents.
         documents: u32,
+        /// Popularity skew, as for [`Workload::SharedSystemPrompts`].
+        skew: f64,
         /// Bytes per document.
         document_bytes: usize,
         /// Bytes per question.
@@ -142,13 +148,16 @@ fn text(rng: &mut ChaCha8Rng, bytes: usize) -> String {
 /// A chat session: id, history of (role, text), turns taken.
 type Session = (u64, Vec<(String, String)>, u32);
 
-/// Picks 0..n with weight 1/(k+1).
-fn zipf(rng: &mut ChaCha8Rng, n: u32) -> u32 {
+/// Picks 0..n with weight `1/(k+1)^skew` (skew 0: uniform; negative is
+/// taken as 0).
+fn zipf(rng: &mut ChaCha8Rng, n: u32, skew: f64) -> u32 {
     let n = n.max(1);
-    let total: f64 = (1..=n).map(|k| 1.0 / f64::from(k)).sum();
+    let skew = if skew.is_finite() { skew.max(0.0) } else { 1.0 };
+    let weight = |k: u32| f64::from(k + 1).powf(-skew);
+    let total: f64 = (0..n).map(weight).sum();
     let mut x = rng.random::<f64>() * total;
     for k in 0..n {
-        x -= 1.0 / f64::from(k + 1);
+        x -= weight(k);
         if x <= 0.0 {
             return k;
         }
@@ -209,10 +218,11 @@ pub fn generate_with(
         let (path, body, tag) = match workload {
             Workload::SharedSystemPrompts {
                 tenants,
+                skew,
                 question_bytes,
                 ..
             } => {
-                let t = zipf(&mut rng, *tenants);
+                let t = zipf(&mut rng, *tenants, *skew);
                 let q = text(&mut rng, *question_bytes);
                 (
                     "/v1/chat/completions",
@@ -262,10 +272,11 @@ pub fn generate_with(
             }
             Workload::LongDocQa {
                 documents,
+                skew,
                 question_bytes,
                 ..
             } => {
-                let d = zipf(&mut rng, *documents);
+                let d = zipf(&mut rng, *documents, *skew);
                 let q = text(&mut rng, *question_bytes);
                 let prompt = format!(
                     "Document:\n{}\n\nQuestion: {q}\nAnswer:",
@@ -302,6 +313,7 @@ mod tests {
     fn same_seed_same_trace_other_seed_other_trace() {
         let w = Workload::SharedSystemPrompts {
             tenants: 3,
+            skew: 1.0,
             system_bytes: 500,
             question_bytes: 50,
         };
@@ -313,6 +325,7 @@ mod tests {
     fn tenants_share_their_system_prompt() {
         let w = Workload::SharedSystemPrompts {
             tenants: 2,
+            skew: 1.0,
             system_bytes: 300,
             question_bytes: 40,
         };
@@ -331,6 +344,31 @@ mod tests {
         }
         assert_eq!(seen.len(), 2);
         assert!(t.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+    }
+
+    #[test]
+    fn skew_sets_popularity() {
+        let counts = |skew: f64| {
+            let w = Workload::SharedSystemPrompts {
+                tenants: 4,
+                skew,
+                system_bytes: 10,
+                question_bytes: 10,
+            };
+            let mut n = [0u32; 4];
+            for r in generate(&w, 4000, "m", 11) {
+                let t: usize = r.tag.unwrap()["tenant-".len()..].parse().unwrap();
+                n[t] += 1;
+            }
+            n
+        };
+        // Zipf: weights 1, 1/2, 1/3, 1/4 of 25/12 -> 48 %, 24 %, 16 %, 12 %.
+        let z = counts(1.0);
+        assert!((1800..2050).contains(&z[0]), "{z:?}");
+        assert!((380..580).contains(&z[3]), "{z:?}");
+        // Uniform: 25 % each.
+        let u = counts(0.0);
+        assert!(u.iter().all(|&c| (900..1100).contains(&c)), "{u:?}");
     }
 
     #[test]
@@ -356,6 +394,7 @@ mod tests {
     fn documents_prefix_their_questions() {
         let w = Workload::LongDocQa {
             documents: 4,
+            skew: 1.0,
             document_bytes: 1000,
             question_bytes: 30,
         };

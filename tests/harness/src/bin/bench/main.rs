@@ -69,6 +69,10 @@ struct Cli {
     /// Bytes of the unique part (question).
     #[arg(long, default_value_t = 200)]
     unique_bytes: usize,
+    /// Popularity of tenants and documents: group k with weight 1/(k+1)^skew
+    /// (1: Zipf; 0: uniform, the shape of SGLang's generated-shared-prefix benchmark).
+    #[arg(long, default_value_t = 1.0)]
+    skew: f64,
     #[arg(long, value_enum, default_value = "closed")]
     mode: Mode,
     /// Closed loop: concurrent clients.
@@ -108,6 +112,7 @@ fn workload(cli: &Cli) -> Workload {
     match cli.workload {
         WorkloadKind::SharedSystem => Workload::SharedSystemPrompts {
             tenants: cli.groups,
+            skew: cli.skew,
             system_bytes: cli.shared_bytes,
             question_bytes: cli.unique_bytes,
         },
@@ -119,6 +124,7 @@ fn workload(cli: &Cli) -> Workload {
         },
         WorkloadKind::LongDoc => Workload::LongDocQa {
             documents: cli.groups,
+            skew: cli.skew,
             document_bytes: cli.shared_bytes,
             question_bytes: cli.unique_bytes,
         },
