@@ -5,12 +5,13 @@ use kvmesh_plugins_sdk::policy::Reason;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
-const REASONS: [Reason; 8] = [
+const REASONS: [Reason; 9] = [
     Reason::NoReplicas,
     Reason::NoPrompt,
     Reason::Rotation,
     Reason::Affinity,
     Reason::Hash,
+    Reason::Placed,
     Reason::Spilled,
     Reason::Resident,
     Reason::Load,
@@ -38,7 +39,7 @@ const UNPARSED: [(&str, Unparsed); 5] = [
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Metrics {
     decisions: Option<u32>,
-    by_reason: [Option<u32>; 8],
+    by_reason: [Option<u32>; REASONS.len()],
     matched_chunks: Option<u32>,
     fallback_used: Option<u32>,
     parse_failures: Option<u32>,

@@ -7,6 +7,7 @@
 //! replicas holding it, with a bit per tier.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -84,37 +85,53 @@ impl Holders {
         }
     }
 
-    /// Adds tier bits for `slot`.
-    fn add(&mut self, slot: u32, bit: u8) {
+    /// Adds tier bits for `slot`; true when `slot` did not hold the chunk.
+    fn add(&mut self, slot: u32, bit: u8) -> bool {
         match self {
-            Holders::One(h) if h.slot == slot => h.tiers |= bit,
-            Holders::One(h) => *self = Holders::Many(vec![*h, Holder { slot, tiers: bit }]),
+            Holders::One(h) if h.slot == slot => {
+                h.tiers |= bit;
+                false
+            }
+            Holders::One(h) => {
+                *self = Holders::Many(vec![*h, Holder { slot, tiers: bit }]);
+                true
+            }
             Holders::Many(v) => match v.iter_mut().find(|h| h.slot == slot) {
-                Some(h) => h.tiers |= bit,
-                None => v.push(Holder { slot, tiers: bit }),
+                Some(h) => {
+                    h.tiers |= bit;
+                    false
+                }
+                None => {
+                    v.push(Holder { slot, tiers: bit });
+                    true
+                }
             },
         }
     }
 
-    /// Clears tier bits of `slot` (all of them for `!0`); true when empty.
-    fn clear(&mut self, slot: u32, bits: u8) -> bool {
+    /// Clears tier bits of `slot` (all of them for `!0`). Returns whether no
+    /// replica holds the chunk any more, and whether `slot` stopped holding it.
+    fn clear(&mut self, slot: u32, bits: u8) -> (bool, bool) {
         match self {
             Holders::One(h) => {
+                let dropped = h.slot == slot && h.tiers != 0 && h.tiers & !bits == 0;
                 if h.slot == slot {
                     h.tiers &= !bits;
                 }
-                h.tiers == 0
+                (h.tiers == 0, dropped)
             }
             Holders::Many(v) => {
+                let mut dropped = false;
                 for h in v.iter_mut().filter(|h| h.slot == slot) {
+                    dropped |= h.tiers != 0 && h.tiers & !bits == 0;
                     h.tiers &= !bits;
                 }
                 v.retain(|h| h.tiers != 0);
                 if let [only] = v.as_slice() {
                     *self = Holders::One(*only);
-                    return false;
+                    return (false, dropped);
                 }
-                v.is_empty()
+                (v.is_empty(), dropped)
             }
         }
     }
@@ -124,6 +141,8 @@ impl Holders {
 struct Slot {
     generation: u32,
     replica: Option<Replica>,
+    /// Distinct chunks the replica holds, in any tier.
+    resident: u64,
 }
 
 /// Hasher for chunk-hash keys: one folded 128-bit multiply. Real chunk hashes
@@ -261,6 +280,9 @@ impl Snapshot {
             self.model = model.to_owned();
             self.chunk_bytes = chunk_bytes;
             self.index.clear();
+            for s in &mut self.slots {
+                s.resident = 0;
+            }
         }
     }
 
@@ -324,6 +346,15 @@ impl Snapshot {
         self.index.get(&chunk).map_or(&[], Holders::as_slice)
     }
 
+    /// Distinct chunks replica `r` reports holding, in any tier (0 for a
+    /// replica that is gone).
+    pub fn resident_chunks(&self, r: ReplicaRef) -> u64 {
+        match self.slots.get(r.slot as usize) {
+            Some(s) if s.generation == r.generation && s.replica.is_some() => s.resident,
+            _ => 0,
+        }
+    }
+
     /// Number of distinct chunks held by any replica.
     pub fn indexed_chunks(&self) -> usize {
         self.index.len()
@@ -352,12 +383,14 @@ impl Snapshot {
                 let s = &mut self.slots[free];
                 s.generation = s.generation.wrapping_add(1);
                 s.replica = Some(replica);
+                s.resident = 0;
                 free
             }
             None => {
                 self.slots.push(Slot {
                     generation: 0,
                     replica: Some(replica),
+                    resident: 0,
                 });
                 self.slots.len() - 1
             }
@@ -370,8 +403,10 @@ impl Snapshot {
         let Some(slot) = self.by_id.remove(id) else {
             return;
         };
-        self.slots[slot as usize].replica = None;
-        self.index.retain(|_, holders| !holders.clear(slot, !0));
+        let s = &mut self.slots[slot as usize];
+        s.replica = None;
+        s.resident = 0;
+        self.index.retain(|_, holders| !holders.clear(slot, !0).0);
     }
 
     /// Marks `chunks` resident on replica `id` in `tier`; unknown replicas and
@@ -381,12 +416,17 @@ impl Snapshot {
             return;
         };
         self.index.reserve(chunks.len());
+        let mut added = 0;
         for &c in chunks {
-            self.index
-                .entry(c)
-                .and_modify(|h| h.add(slot, bit))
-                .or_insert(Holders::One(Holder { slot, tiers: bit }));
+            match self.index.entry(c) {
+                Entry::Occupied(mut e) => added += u64::from(e.get_mut().add(slot, bit)),
+                Entry::Vacant(e) => {
+                    e.insert(Holders::One(Holder { slot, tiers: bit }));
+                    added += 1;
+                }
+            }
         }
+        self.slots[slot as usize].resident += added;
     }
 
     /// Marks `chunks` no longer resident on replica `id` in `tier`.
@@ -394,11 +434,18 @@ impl Snapshot {
         let (Some(&slot), Some(bit)) = (self.by_id.get(id), tier_bit(tier)) else {
             return;
         };
+        let mut dropped = 0;
         for c in chunks {
-            if self.index.get_mut(c).is_some_and(|h| h.clear(slot, bit)) {
-                self.index.remove(c);
+            if let Some(h) = self.index.get_mut(c) {
+                let (empty, gone) = h.clear(slot, bit);
+                dropped += u64::from(gone);
+                if empty {
+                    self.index.remove(c);
+                }
             }
         }
+        let s = &mut self.slots[slot as usize];
+        s.resident = s.resident.saturating_sub(dropped);
     }
 
     /// Applies one delta of the shared-data layout.
@@ -446,6 +493,35 @@ mod tests {
         assert_eq!(a.slot(), b.slot());
         assert!(s.get(a).is_none());
         assert_eq!(s.get(b).unwrap().id, "b");
+    }
+
+    #[test]
+    fn resident_chunk_counts_follow_adds_removals_and_replicas() {
+        let mut s = Snapshot::new("m", 256);
+        s.upsert(&info("a", 0));
+        s.upsert(&info("b", 0));
+        let (a, _) = s.find("a").unwrap();
+        let (b, _) = s.find("b").unwrap();
+        s.add_resident("a", Tier::Device as i32, &[1, 2, 3]);
+        // A chunk in a second tier, or added again, is not counted twice.
+        s.add_resident("a", Tier::Host as i32, &[2, 3, 4]);
+        s.add_resident("a", Tier::Device as i32, &[1]);
+        s.add_resident("b", Tier::Host as i32, &[2]);
+        assert_eq!((s.resident_chunks(a), s.resident_chunks(b)), (4, 1));
+        // Leaving one tier keeps the chunk; leaving its last tier drops it.
+        s.remove_resident("a", Tier::Device as i32, &[2, 1]);
+        assert_eq!(s.resident_chunks(a), 3);
+        s.remove_resident("a", Tier::Host as i32, &[2, 9]);
+        assert_eq!((s.resident_chunks(a), s.resident_chunks(b)), (2, 1));
+        // A removed replica holds nothing; its slot's successor starts at 0.
+        s.remove("a");
+        assert_eq!(s.resident_chunks(a), 0);
+        s.upsert(&info("c", 0));
+        let (c, _) = s.find("c").unwrap();
+        assert_eq!(c.slot(), a.slot());
+        assert_eq!(s.resident_chunks(c), 0);
+        s.add_resident("c", Tier::Device as i32, &[3]);
+        assert_eq!((s.resident_chunks(c), s.resident_chunks(a)), (1, 0));
     }
 
     #[test]

@@ -36,7 +36,7 @@ mod round_robin;
 
 pub use aging::AgingMap;
 pub use kv_aware::{KvAware, KvAwareConfig};
-pub use prefix_aware::{PrefixAware, PrefixAwareConfig};
+pub use prefix_aware::{Placement, PrefixAware, PrefixAwareConfig};
 pub use round_robin::RoundRobin;
 
 use crate::snapshot::{Replica, ReplicaRef, Snapshot};
@@ -62,8 +62,12 @@ pub enum Reason {
     Rotation,
     /// A replica that served this prefix before (learned affinity).
     Affinity,
-    /// No affinity yet: rendezvous hash of the first chunk.
+    /// A prefix no replica holds, placed by the rendezvous hash of its first
+    /// chunk ([`Placement::Rendezvous`]).
     Hash,
+    /// A prefix no replica holds, placed on the emptier of two replicas
+    /// ([`Placement::TwoChoices`]).
+    Placed,
     /// The learned or hashed replica was over the load bound.
     Spilled,
     /// Best score of resident prefix against queued prefill.
@@ -81,6 +85,7 @@ impl Reason {
             Reason::Rotation => "rotation",
             Reason::Affinity => "affinity",
             Reason::Hash => "hash",
+            Reason::Placed => "placed",
             Reason::Spilled => "spilled",
             Reason::Resident => "resident",
             Reason::Load => "load",

@@ -1,11 +1,23 @@
 //! Prefix-aware: keeps requests that share a prompt prefix on the replica that
-//! served it before, learned from its own decisions; no state from the servers.
+//! served it before, learned from its own decisions and from the replicas'
+//! reported residency; no load state from the servers.
 //!
 //! - Affinity: chunk hash -> replica, written for every chunk of every routed
 //!   request, in an [`AgingMap`] of bounded size (old entries age out).
 //! - A request goes to the replica remembered for its deepest known chunk.
-//!   With none, the rendezvous hash of its first chunk picks, so every worker
-//!   VM (each with its own table) places a new prefix on the same replica.
+//! - With none, to the live replica that reports holding the deepest part of
+//!   its prefix (any tier): how a worker VM learns where the other VMs placed
+//!   a prefix, and where the caches are after a swap or a restart of Envoy.
+//! - Held nowhere: a new prefix. [`Placement::TwoChoices`] (the default)
+//!   takes the first two replicas of the prefix's rendezvous order and places
+//!   it on the one that reports holding fewer chunks (ties: the first), the
+//!   "power of two choices": new prefixes spread nearly evenly (16 on 4
+//!   replicas by rendezvous alone often puts 6 on one). Every worker VM reads
+//!   the same reported residency, so the VMs still agree on where a new
+//!   prefix goes: the choice depends on the prefix and the pool's state, not
+//!   on the VM's own history (it is not a load signal for the same reason: a
+//!   new prefix's own prefill would make its home look busy to the next VM).
+//!   [`Placement::Rendezvous`] takes the first replica of that order.
 //! - Bounded load: no replica takes a request while it has
 //!   `ceil(load_factor * (in_flight + 1) / replicas)` or more in flight and
 //!   also `spill_gap` or more above the least loaded replica. The gap keeps
@@ -27,6 +39,19 @@ use super::{
 };
 use crate::snapshot::{ReplicaRef, Snapshot};
 
+/// Where [`PrefixAware`] places a prefix that no replica holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    /// Of the first two replicas in the prefix's rendezvous order, the one
+    /// reporting fewer resident chunks (ties: the first).
+    #[default]
+    TwoChoices,
+    /// The first replica in the prefix's rendezvous order: spread only as
+    /// evenly as the hash happens to.
+    Rendezvous,
+}
+
 /// Parameters of [`PrefixAware`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,6 +65,8 @@ pub struct PrefixAwareConfig {
     pub spill_gap: u64,
     /// Fallbacks listed after the primary.
     pub max_fallbacks: usize,
+    /// Where a prefix held nowhere goes.
+    pub placement: Placement,
 }
 
 impl Default for PrefixAwareConfig {
@@ -49,6 +76,7 @@ impl Default for PrefixAwareConfig {
             load_factor: 1.25,
             spill_gap: 4,
             max_fallbacks: 2,
+            placement: Placement::default(),
         }
     }
 }
@@ -123,6 +151,45 @@ impl PrefixAware {
             Some((r, i as u32 + 1))
         })
     }
+
+    /// The live replica reporting the longest contiguous run of `chunks` from
+    /// the first (any tier), and that length; ties in `order`.
+    fn deepest_resident(
+        snapshot: &Snapshot,
+        chunks: &[u64],
+        order: &[(u64, ReplicaRef)],
+    ) -> Option<(ReplicaRef, u32)> {
+        let mut alive: Vec<ReplicaRef> = order.iter().map(|&(_, r)| r).collect();
+        let mut best = None;
+        for (i, &c) in chunks.iter().enumerate() {
+            let holders = snapshot.holders(c);
+            alive.retain(|r| holders.iter().any(|h| h.slot as usize == r.slot()));
+            match alive.first() {
+                Some(&r) => best = Some((r, i as u32 + 1)),
+                None => break,
+            }
+        }
+        best
+    }
+
+    /// Where a prefix held nowhere goes (`order`: its rendezvous order).
+    fn place(
+        &self,
+        snapshot: &Snapshot,
+        order: &[(u64, ReplicaRef)],
+    ) -> (Option<ReplicaRef>, Reason) {
+        let replicas = order.iter().map(|&(_, r)| r);
+        match self.config.placement {
+            Placement::Rendezvous => (replicas.take(1).next(), Reason::Hash),
+            // `min_by_key` keeps the first of equal minima.
+            Placement::TwoChoices => (
+                replicas
+                    .take(2)
+                    .min_by_key(|&r| snapshot.resident_chunks(r)),
+                Reason::Placed,
+            ),
+        }
+    }
 }
 
 impl Default for PrefixAware {
@@ -165,7 +232,13 @@ impl Policy for PrefixAware {
         } else {
             match self.deepest_affinity(snapshot, request.chunks) {
                 Some((r, m)) => (Some(r), m, Reason::Affinity),
-                None => (order.first().map(|&(_, r)| r), 0, Reason::Hash),
+                None => match Self::deepest_resident(snapshot, request.chunks, &order) {
+                    Some((r, m)) => (Some(r), m, Reason::Resident),
+                    None => {
+                        let (r, reason) = self.place(snapshot, &order);
+                        (r, 0, reason)
+                    }
+                },
             }
         };
         let Some(preferred) = preferred else {

@@ -181,18 +181,174 @@ fn prefix_aware_spill_keeps_the_prefix_home_and_a_steady_second_holder() {
 
 #[test]
 fn prefix_aware_new_prefix_placement_agrees_across_instances() {
-    // Two worker VMs with separate tables place a new prefix identically.
-    let s = pool(8);
-    let a = PrefixAware::default();
-    let b = PrefixAware::default();
-    for t in 0..50 {
-        let ch = chain(t, 3, t, 3);
-        let req = Request {
-            chunks: &ch,
-            prompt_bytes: 768,
+    // Two worker VMs with separate tables, and different histories, place a
+    // new prefix identically, with either placement: it depends on the prefix
+    // and the pool's reported state only.
+    for placement in [Placement::TwoChoices, Placement::Rendezvous] {
+        let mut s = pool(8);
+        let make = || {
+            PrefixAware::new(PrefixAwareConfig {
+                placement,
+                ..PrefixAwareConfig::default()
+            })
+            .unwrap()
         };
-        assert_eq!(a.select(&s, &req).primary, b.select(&s, &req).primary);
+        let a = make();
+        let mut b = make();
+        for t in 100..110 {
+            route(&mut b, &s, &chain(t, 3, t, 3));
+        }
+        // Uneven residency, so two-choices has something to choose by.
+        for (i, (_, rep)) in s.clone().replicas().enumerate() {
+            let held: Vec<u64> = (0..i as u64 * 3)
+                .map(|c| 900_000 + 100 * i as u64 + c)
+                .collect();
+            s.add_resident(&rep.id, Tier::Device as i32, &held);
+        }
+        for t in 0..50 {
+            let ch = chain(t, 3, t, 3);
+            let req = Request {
+                chunks: &ch,
+                prompt_bytes: 768,
+            };
+            let (ca, cb) = (a.select(&s, &req), b.select(&s, &req));
+            assert_eq!(ca.primary, cb.primary, "{placement:?}");
+            let reason = match placement {
+                Placement::TwoChoices => Reason::Placed,
+                Placement::Rendezvous => Reason::Hash,
+            };
+            assert_eq!(ca.reason, reason);
+        }
     }
+}
+
+/// Places `tenants` new prefixes one after another on `replicas`, each
+/// reported resident on its replica before the next arrives; the largest
+/// number of prefixes on one replica.
+fn most_prefixes_on_one(placement: Placement, replicas: usize, tenants: u64, salt: u64) -> usize {
+    let mut s = pool(replicas);
+    let mut p = PrefixAware::new(PrefixAwareConfig {
+        placement,
+        ..PrefixAwareConfig::default()
+    })
+    .unwrap();
+    let mut per: HashMap<ReplicaRef, usize> = HashMap::new();
+    for t in 0..tenants {
+        let ch = chain(salt * 1000 + t, 4, salt * 1000 + t, 4);
+        let c = route(&mut p, &s, &ch);
+        let r = c.primary.unwrap();
+        p.observe(&s, &Event::Finished { replica: r });
+        let rid = id(&s, Some(r));
+        s.add_resident(&rid, Tier::Device as i32, &ch);
+        *per.entry(r).or_default() += 1;
+    }
+    per.into_values().max().unwrap_or(0)
+}
+
+#[test]
+fn prefix_aware_two_choices_spreads_new_prefixes_more_evenly_than_rendezvous() {
+    // 16 prefixes on 4 replicas (4 each would be even), over 200 sets of
+    // prefixes.
+    let (mut two, mut hash) = (Vec::new(), Vec::new());
+    for salt in 0..200 {
+        two.push(most_prefixes_on_one(Placement::TwoChoices, 4, 16, salt));
+        hash.push(most_prefixes_on_one(Placement::Rendezvous, 4, 16, salt));
+    }
+    let mean = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len() as f64;
+    let worst = |v: &[usize]| *v.iter().max().unwrap();
+    assert!(
+        mean(&two) <= 5.0 && worst(&two) <= 6,
+        "two choices: mean {} worst {}",
+        mean(&two),
+        worst(&two)
+    );
+    assert!(
+        mean(&hash) >= mean(&two) + 0.75,
+        "rendezvous {} two choices {}",
+        mean(&hash),
+        mean(&two)
+    );
+}
+
+#[test]
+fn prefix_aware_keeps_a_placed_prefix_where_it_is() {
+    let mut s = pool(4);
+    let mut p = PrefixAware::default();
+    let mut home = HashMap::new();
+    for t in 0..16u64 {
+        let ch = chain(t, 4, t, 5);
+        let c = route(&mut p, &s, &ch);
+        assert_eq!(c.reason, Reason::Placed);
+        let r = c.primary.unwrap();
+        p.observe(&s, &Event::Finished { replica: r });
+        let rid = id(&s, Some(r));
+        s.add_resident(&rid, Tier::Device as i32, &ch[..4]);
+        home.insert(t, r);
+    }
+    for round in 1..4u64 {
+        for t in 0..16u64 {
+            let c = route(&mut p, &s, &chain(t, 4, 100 * round + t, 5));
+            p.observe(
+                &s,
+                &Event::Finished {
+                    replica: c.primary.unwrap(),
+                },
+            );
+            assert_eq!((c.primary, c.reason), (Some(home[&t]), Reason::Affinity));
+        }
+    }
+}
+
+#[test]
+fn prefix_aware_places_a_new_prefix_on_the_emptier_replica() {
+    // Two replicas: both are the prefix's two choices; the one reporting more
+    // resident chunks does not get it, whatever the rendezvous order.
+    for fuller in ["r0", "r1"] {
+        let mut s = pool(2);
+        let held: Vec<u64> = (0..10).map(|c| 500_000 + c).collect();
+        s.add_resident(fuller, Tier::Host as i32, &held);
+        let p = PrefixAware::default();
+        for t in 0..20u64 {
+            let ch = chain(t, 4, t, 5);
+            let c = p.select(
+                &s,
+                &Request {
+                    chunks: &ch,
+                    prompt_bytes: 5 * 256,
+                },
+            );
+            assert_eq!(c.reason, Reason::Placed);
+            assert_ne!(id(&s, c.primary), fuller);
+        }
+    }
+}
+
+#[test]
+fn prefix_aware_learns_placements_of_other_instances_from_residency() {
+    // A worker VM that never saw a prefix sends it to the replica reporting
+    // the deepest part of it (placed there by another VM, or cached before a
+    // swap), not where it would place a new prefix; then keeps it there.
+    let mut s = pool(4);
+    let mut b = PrefixAware::default();
+    let ch = chain(7, 4, 0, 5);
+    let req = Request {
+        chunks: &ch,
+        prompt_bytes: 5 * 256,
+    };
+    let own = b.select(&s, &req).primary.unwrap();
+    let others: Vec<ReplicaRef> = s.replicas().map(|(r, _)| r).filter(|&r| r != own).collect();
+    let (home, shallow) = (others[0], others[1]);
+    s.add_resident(&id(&s, Some(home)), Tier::Host as i32, &ch[..3]);
+    // Another replica holds only the first chunk: the deeper holder wins.
+    s.add_resident(&id(&s, Some(shallow)), Tier::Device as i32, &ch[..1]);
+    let c = route(&mut b, &s, &chain(7, 4, 1, 5));
+    assert_eq!(
+        (c.primary, c.reason, c.matched_chunks),
+        (Some(home), Reason::Resident, 3)
+    );
+    // Learned: the next request of the prefix is an affinity hit.
+    let c = route(&mut b, &s, &chain(7, 4, 2, 5));
+    assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
 }
 
 #[test]
@@ -363,6 +519,10 @@ fn by_name_builds_and_refuses() {
     assert!(by_name("prefix-aware", &serde_json::json!({"load_factor": 0.5})).is_err());
     assert!(by_name("prefix-aware", &serde_json::json!({"spill_gap": 0})).is_err());
     assert!(by_name("prefix-aware", &serde_json::json!({"typo": 1})).is_err());
+    for placement in ["two-choices", "rendezvous"] {
+        assert!(by_name("prefix-aware", &serde_json::json!({"placement": placement})).is_ok());
+    }
+    assert!(by_name("prefix-aware", &serde_json::json!({"placement": "random"})).is_err());
     assert!(by_name("kv-aware", &serde_json::json!({"load_weight": -1.0})).is_err());
 }
 
