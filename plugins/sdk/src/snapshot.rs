@@ -349,10 +349,8 @@ impl Snapshot {
     /// Distinct chunks replica `r` reports holding, in any tier (0 for a
     /// replica that is gone).
     pub fn resident_chunks(&self, r: ReplicaRef) -> u64 {
-        match self.slots.get(r.slot as usize) {
-            Some(s) if s.generation == r.generation && s.replica.is_some() => s.resident,
-            _ => 0,
-        }
+        self.get(r)
+            .map_or(0, |_| self.slots[r.slot as usize].resident)
     }
 
     /// Number of distinct chunks held by any replica.
@@ -382,8 +380,8 @@ impl Snapshot {
             Some(free) => {
                 let s = &mut self.slots[free];
                 s.generation = s.generation.wrapping_add(1);
+                // `remove` left its count at 0.
                 s.replica = Some(replica);
-                s.resident = 0;
                 free
             }
             None => {
