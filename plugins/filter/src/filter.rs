@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvmesh_plugins_sdk::chunk::chunk_hashes;
 use kvmesh_plugins_sdk::policy::{Choice, Event, Policy, Request};
@@ -14,6 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
 use crate::MakePolicy;
+use crate::board::BoardView;
 use crate::config::FilterConfig;
 use crate::metrics::{Metrics, Unparsed};
 
@@ -30,6 +31,7 @@ struct Shared<P> {
     policy: P,
     reader: StateReader,
     metrics: Metrics,
+    board: BoardView,
 }
 
 /// The root context: configuration and the strategy of one VM.
@@ -87,6 +89,11 @@ impl<P: Policy + 'static> RootContext for Root<P> {
             _ => StateReader::new(&config.pool, config.initial_snapshot()),
         };
         let metrics = Metrics::define(policy.name());
+        // A new policy starts from the board's recent placements.
+        let board = BoardView::new(&config.pool);
+        if policy.shares_placements() {
+            board.ensure();
+        }
         log::info!(
             "kvmesh: {} configured for pool {:?} ({} static replicas)",
             policy.name(),
@@ -98,6 +105,7 @@ impl<P: Policy + 'static> RootContext for Root<P> {
             policy,
             reader,
             metrics,
+            board,
         })));
         true
     }
@@ -239,6 +247,7 @@ impl<P: Policy> Filter<P> {
             policy,
             reader,
             metrics,
+            board,
         } = &mut *guard;
         match reader.refresh(|key| hostcalls::get_shared_data(key).ok().and_then(|(v, _)| v)) {
             Ok(Refresh::Reloaded) => metrics.state_reload(),
@@ -267,7 +276,35 @@ impl<P: Policy> Filter<P> {
             chunks: &chunks,
             prompt_bytes,
         };
-        let choice = policy.select(snapshot, &request);
+        let now_ms = started
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let choice = if policy.shares_placements() {
+            // Learn the other VMs' new placements, decide, and publish a new
+            // placement; when another VM wrote in between, it may have placed
+            // this very prefix: read again and decide again.
+            let mut attempts = 0;
+            loop {
+                let read = board.read(policy, snapshot, now_ms, metrics);
+                let choice = policy.select(snapshot, &request);
+                let placed = choice
+                    .primary
+                    .filter(|_| choice.reason.is_placement() && !chunks.is_empty())
+                    .and_then(|r| snapshot.get(r));
+                match placed {
+                    Some(rep) if attempts < 3 => {
+                        if board.push(read, rep.key, now_ms, &chunks) {
+                            break choice;
+                        }
+                        metrics.board_conflict();
+                        attempts += 1;
+                    }
+                    _ => break choice,
+                }
+            }
+        } else {
+            policy.select(snapshot, &request)
+        };
         self.endpoints = choice
             .endpoints()
             .filter_map(|r| snapshot.get(r).map(|rep| rep.address.clone()))

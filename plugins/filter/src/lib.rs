@@ -5,7 +5,9 @@
 //! 2. request body: pause until end of stream, then parse and hash the prompt,
 //!    bring the pool view up to date from shared data, `select`, and write
 //!    `x-gateway-destination-endpoint: primary,fallback,...` (always
-//!    replacing what the client sent);
+//!    replacing what the client sent); for a strategy that shares its
+//!    placements, read the placement board first and publish a new prefix's
+//!    placement on it (`kvmesh_plugins_sdk::board`);
 //! 3. response headers: add `x-kvmesh-decision` describing the decision;
 //! 4. log: tell the policy the request finished.
 //!
@@ -13,6 +15,7 @@
 //! not UTF-8 or is over `max_body_bytes` is still routed (by the strategy's
 //! no-prompt path) and counted. Host calls use the `Result`-returning forms.
 
+mod board;
 mod config;
 mod filter;
 mod metrics;

@@ -46,6 +46,8 @@ pub(crate) struct Metrics {
     by_unparsed: [Option<u32>; 5],
     state_reloads: Option<u32>,
     state_errors: Option<u32>,
+    board_shared: Option<u32>,
+    board_conflicts: Option<u32>,
     decision_us: Option<u32>,
 }
 
@@ -78,6 +80,8 @@ impl Metrics {
             by_unparsed: UNPARSED.map(|(label, _)| c(&format!("parse_failures.{label}"))),
             state_reloads: c("state_reloads"),
             state_errors: c("state_errors"),
+            board_shared: c("board.shared"),
+            board_conflicts: c("board.conflicts"),
             decision_us: define(
                 MetricType::Histogram,
                 format!("kvmesh.{strategy}.decision_us"),
@@ -117,6 +121,16 @@ impl Metrics {
 
     pub(crate) fn state_error(&self) {
         inc(self.state_errors, 1);
+    }
+
+    /// A placement of another VM read from the board.
+    pub(crate) fn board_shared(&self) {
+        inc(self.board_shared, 1);
+    }
+
+    /// A board write lost to another VM's (the decision is made again).
+    pub(crate) fn board_conflict(&self) {
+        inc(self.board_conflicts, 1);
     }
 
     pub(crate) fn decision_time(&self, micros: u64) {

@@ -178,6 +178,50 @@ async fn prefix_aware_keeps_shared_prefixes_together_across_workers() -> Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_aware_workers_share_placements_and_spread_new_prefixes_evenly() -> Result<()> {
+    let ups = upstreams(4).await?;
+    let gw = gateway("prefix-aware", &addrs(&ups), 2, |_| {}).await?;
+    let client = fresh_connection_client();
+    // Eight new tenants of equal size, one after another, each on a new
+    // connection (so on either worker). Static replicas never report
+    // residency: the only thing that tells a worker where the other placed
+    // its tenants is the placement board, and the counts it places by are
+    // the placements alone. Two tenants each is the even split.
+    let mut home: HashMap<String, String> = HashMap::new();
+    for t in 0..8 {
+        let tenant = format!("tenant-{t}");
+        let (status, upstream, decision) =
+            send(&client, &gw.url, &chat(&tenant, "question 0")).await?;
+        assert_eq!(status, 200, "{decision}");
+        assert!(decision.contains("reason=placed"), "{decision}");
+        home.insert(tenant, upstream);
+    }
+    let mut per: HashMap<&String, usize> = HashMap::new();
+    for u in home.values() {
+        *per.entry(u).or_default() += 1;
+    }
+    assert_eq!(per.len(), 4, "{home:?}");
+    assert!(per.values().all(|&n| n == 2), "{per:?}");
+    for round in 1..4 {
+        for (tenant, at) in &home {
+            let (status, upstream, decision) = send(
+                &client,
+                &gw.url,
+                &chat(tenant, &format!("question {round}")),
+            )
+            .await?;
+            assert_eq!((status, &upstream), (200, at), "{tenant}: {decision}");
+        }
+    }
+    let shared = gw
+        .envoy
+        .stat("wasmcustom.kvmesh.prefix-aware.board.shared")
+        .await?;
+    assert!(shared > 0, "no placement read from the board");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_aware_spreads_a_hot_prefix_within_its_load_bound() -> Result<()> {
     let gate = Arc::new(Semaphore::new(0));
     let mut ups = Vec::new();

@@ -10,11 +10,14 @@
 //! - [`snapshot`] is the in-memory view of a pool a policy decides on.
 //! - [`state`] is the Envoy shared-data layout a state pump writes and the
 //!   filters read.
+//! - [`board`] is where the filters of one Envoy share their placements of
+//!   new prefixes.
 //! - [`policy`] is the strategy API and the three built-in strategies.
 //!
 //! Writing your own strategy means implementing [`policy::Policy`]: a pure
 //! `select(&Snapshot, &Request) -> Choice` and a separate `observe(&Event)`.
 
+pub mod board;
 pub mod chunk;
 #[cfg(any(test, feature = "test-util"))]
 pub mod golden;

@@ -8,6 +8,7 @@
 //! | `kvmesh.v1/P/head` | [`proto::StateHead`] (a few bytes) | every request |
 //! | `kvmesh.v1/P/delta/<seq % ring>` | [`proto::PoolDelta`] | once per new delta |
 //! | `kvmesh.v1/P/snapshot` | [`proto::PoolSnapshot`] | at start, after a gap, on a new epoch |
+//! | `kvmesh.v1/P/placements` | [`crate::board::Board`] (at most ~5 KB) | every request; written by the filters |
 //!
 //! The writer ([`StateWriter`]) writes deltas first, the snapshot when due,
 //! and the head last, so a reader that sees a head finds everything it names
@@ -35,6 +36,11 @@ pub fn head_key(pool: &str) -> String {
 /// Key of a pool's snapshot.
 pub fn snapshot_key(pool: &str) -> String {
     format!("kvmesh.v1/{pool}/snapshot")
+}
+
+/// Key of a pool's placement board, written by the filters themselves.
+pub fn board_key(pool: &str) -> String {
+    format!("kvmesh.v1/{pool}/placements")
 }
 
 /// Key of the ring slot that holds delta `seq`.

@@ -65,8 +65,8 @@ pub enum Reason {
     /// A prefix no replica holds, placed by the rendezvous hash of its first
     /// chunk ([`Placement::Rendezvous`]).
     Hash,
-    /// A prefix no replica holds, placed on the emptier of two replicas
-    /// ([`Placement::TwoChoices`]).
+    /// A prefix no replica holds, placed on the emptiest replica
+    /// ([`Placement::Least`]) or the emptier of two ([`Placement::TwoChoices`]).
     Placed,
     /// The learned or hashed replica was over the load bound.
     Spilled,
@@ -77,6 +77,12 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// A new prefix was placed: the filter shares such choices with the
+    /// other worker VMs of its Envoy ([`crate::board`]).
+    pub fn is_placement(self) -> bool {
+        matches!(self, Reason::Hash | Reason::Placed)
+    }
+
     /// Stable label for headers and metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -140,6 +146,16 @@ pub enum Event<'a> {
         /// Where it had been sent.
         replica: ReplicaRef,
     },
+    /// Another worker VM of this Envoy placed a new prefix on `replica`
+    /// (read from the placement board, [`crate::board`]).
+    Shared {
+        /// The first chunk hashes of the request that placed it.
+        chunks: &'a [u64],
+        /// How many chunks that request had in all.
+        total_chunks: u32,
+        /// Where it went.
+        replica: ReplicaRef,
+    },
 }
 
 /// A routing strategy. See the module docs for an example.
@@ -150,6 +166,12 @@ pub trait Policy {
     fn select(&self, snapshot: &Snapshot, request: &Request<'_>) -> Choice;
     /// Learns from what happened.
     fn observe(&mut self, snapshot: &Snapshot, event: &Event<'_>);
+    /// Whether the filter should share this policy's placements of new
+    /// prefixes ([`Reason::is_placement`]) with the other worker VMs of its
+    /// Envoy and feed it theirs as [`Event::Shared`] ([`crate::board`]).
+    fn shares_placements(&self) -> bool {
+        false
+    }
 }
 
 /// A strategy's configuration was refused.

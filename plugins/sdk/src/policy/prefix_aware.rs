@@ -1,22 +1,24 @@
 //! Prefix-aware: keeps requests that share a prompt prefix on the replica that
-//! served it before, learned from its own decisions and from the replicas'
-//! reported residency; no load state from the servers.
+//! served it before, learned from its own decisions, from the other worker
+//! VMs' placements and from the replicas' reported residency; no load state
+//! from the servers.
 //!
 //! - Affinity: chunk hash -> replica, written for every chunk of every routed
 //!   request, in an [`AgingMap`] of bounded size (old entries age out).
 //! - A request goes to the replica remembered for its deepest known chunk.
 //! - With none, to the live replica that reports holding the deepest part of
-//!   its prefix (any tier): how a worker VM learns where the other VMs placed
-//!   a prefix, and where the caches are after a swap or a restart of Envoy.
-//! - Held nowhere: a new prefix. [`Placement::TwoChoices`] (the default)
-//!   takes the first two replicas of the prefix's rendezvous order and places
-//!   it on the one that reports holding fewer chunks (ties: the first), the
-//!   "power of two choices": new prefixes spread nearly evenly (16 on 4
-//!   replicas by rendezvous alone often puts 6 on one). Every worker VM reads
-//!   the same reported residency, so the VMs still agree on where a new
-//!   prefix goes: the choice depends on the prefix and the pool's state, not
-//!   on the VM's own history (it is not a load signal for the same reason: a
-//!   new prefix's own prefill would make its home look busy to the next VM).
+//!   its prefix (any tier): how a worker VM finds where the caches are after
+//!   a swap or a restart of Envoy, or where another Envoy placed a prefix.
+//! - Held nowhere: a new prefix, placed by [`Placement`]. By default
+//!   ([`Placement::Least`]) on the replica holding the fewest chunks: those it
+//!   reports resident, plus those of prefixes placed on it that it does not
+//!   report yet (a prefill takes seconds before its first blocks seal and
+//!   show). The worker VMs of one Envoy share their placements through the
+//!   placement board ([`Event::Shared`], [`crate::board`]), so they count the
+//!   same placements and agree: sixteen equal prefixes on four replicas go
+//!   four to each. [`Placement::TwoChoices`] takes the emptier of the first
+//!   two replicas of the prefix's rendezvous order: Envoys that share no
+//!   board (sidecars) then disagree between two replicas at most.
 //!   [`Placement::Rendezvous`] takes the first replica of that order.
 //! - Bounded load: no replica takes a request while it has
 //!   `ceil(load_factor * (in_flight + 1) / replicas)` or more in flight and
@@ -32,6 +34,8 @@
 //!
 //! In-flight counts are this policy instance's own (one Envoy worker VM).
 
+use std::collections::VecDeque;
+
 use serde::Deserialize;
 
 use super::{
@@ -43,9 +47,13 @@ use crate::snapshot::{ReplicaRef, Snapshot};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Placement {
-    /// Of the first two replicas in the prefix's rendezvous order, the one
-    /// reporting fewer resident chunks (ties: the first).
+    /// The replica holding the fewest chunks, resident or placed and not yet
+    /// reported (ties: the prefix's rendezvous order).
     #[default]
+    Least,
+    /// Of the first two replicas in the prefix's rendezvous order, the one
+    /// holding fewer chunks, counted as for [`Placement::Least`] (ties: the
+    /// first).
     TwoChoices,
     /// The first replica in the prefix's rendezvous order: spread only as
     /// evenly as the hash happens to.
@@ -81,12 +89,26 @@ impl Default for PrefixAwareConfig {
     }
 }
 
+/// A new prefix placed on a replica that does not report it yet.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    first_chunk: u64,
+    replica: ReplicaRef,
+    chunks: u64,
+}
+
+/// Placements remembered until their replica reports them.
+const PENDING: usize = 32;
+
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct PrefixAware {
     config: PrefixAwareConfig,
     affinity: AgingMap<ReplicaRef>,
     in_flight: SlotCounters,
+    /// Recent placements (this VM's and, from the board, the others'),
+    /// dropped once their replica reports their first chunk.
+    pending: VecDeque<Pending>,
 }
 
 impl PrefixAware {
@@ -114,6 +136,7 @@ impl PrefixAware {
             affinity: AgingMap::new(config.capacity),
             config,
             in_flight: SlotCounters::default(),
+            pending: VecDeque::new(),
         })
     }
 
@@ -172,6 +195,41 @@ impl PrefixAware {
         best
     }
 
+    /// Chunks replica `r` holds or is about to: those it reports resident,
+    /// plus those of placements on it whose first chunk it does not report.
+    pub fn placed_chunks(&self, snapshot: &Snapshot, r: ReplicaRef) -> u64 {
+        let pending: u64 = self
+            .pending
+            .iter()
+            .filter(|p| p.replica == r && !Self::reports(snapshot, p))
+            .map(|p| p.chunks)
+            .sum();
+        snapshot.resident_chunks(r) + pending
+    }
+
+    fn reports(snapshot: &Snapshot, p: &Pending) -> bool {
+        snapshot
+            .holders(p.first_chunk)
+            .iter()
+            .any(|h| h.slot as usize == p.replica.slot())
+    }
+
+    /// Remembers a placement until its replica reports it.
+    fn note_placed(&mut self, chunks: &[u64], total: u64, r: ReplicaRef) {
+        let Some(&first_chunk) = chunks.first() else {
+            return;
+        };
+        self.pending.retain(|p| p.first_chunk != first_chunk);
+        if self.pending.len() == PENDING {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(Pending {
+            first_chunk,
+            replica: r,
+            chunks: total,
+        });
+    }
+
     /// Where a prefix held nowhere goes (`order`: its rendezvous order).
     fn place(
         &self,
@@ -179,15 +237,14 @@ impl PrefixAware {
         order: &[(u64, ReplicaRef)],
     ) -> (Option<ReplicaRef>, Reason) {
         let replicas = order.iter().map(|&(_, r)| r);
+        // `min_by_key` keeps the first of equal minima.
+        let least = |candidates: &mut dyn Iterator<Item = ReplicaRef>| {
+            candidates.min_by_key(|&r| self.placed_chunks(snapshot, r))
+        };
         match self.config.placement {
             Placement::Rendezvous => (replicas.take(1).next(), Reason::Hash),
-            // `min_by_key` keeps the first of equal minima.
-            Placement::TwoChoices => (
-                replicas
-                    .take(2)
-                    .min_by_key(|&r| snapshot.resident_chunks(r)),
-                Reason::Placed,
-            ),
+            Placement::TwoChoices => (least(&mut replicas.take(2)), Reason::Placed),
+            Placement::Least => (least(&mut replicas.into_iter()), Reason::Placed),
         }
     }
 }
@@ -199,6 +256,7 @@ impl Default for PrefixAware {
             affinity: AgingMap::new(PrefixAwareConfig::default().capacity),
             config: PrefixAwareConfig::default(),
             in_flight: SlotCounters::default(),
+            pending: VecDeque::new(),
         }
     }
 }
@@ -206,6 +264,10 @@ impl Default for PrefixAware {
 impl Policy for PrefixAware {
     fn name(&self) -> &'static str {
         "prefix-aware"
+    }
+
+    fn shares_placements(&self) -> bool {
+        true
     }
 
     fn select(&self, snapshot: &Snapshot, request: &Request<'_>) -> Choice {
@@ -283,6 +345,10 @@ impl Policy for PrefixAware {
     }
 
     fn observe(&mut self, snapshot: &Snapshot, event: &Event<'_>) {
+        // Placements their replica now reports (or that lost their replica)
+        // are counted from the report alone, and not again once evicted.
+        self.pending
+            .retain(|p| snapshot.get(p.replica).is_some() && !Self::reports(snapshot, p));
         match *event {
             Event::Routed { request, choice } => {
                 let Some(r) = choice.primary else { return };
@@ -290,6 +356,9 @@ impl Policy for PrefixAware {
                     return;
                 }
                 self.in_flight.add(r, 1);
+                if choice.reason.is_placement() {
+                    self.note_placed(request.chunks, request.chunks.len() as u64, r);
+                }
                 let spilled = choice.reason == Reason::Spilled;
                 for &c in request.chunks {
                     // A spill does not move a prefix's home: a chunk that has a
@@ -307,6 +376,19 @@ impl Policy for PrefixAware {
             }
             Event::Finished { replica } => {
                 self.in_flight.add(replica, -1);
+            }
+            Event::Shared {
+                chunks,
+                total_chunks,
+                replica,
+            } => {
+                if snapshot.get(replica).is_none() {
+                    return;
+                }
+                self.note_placed(chunks, u64::from(total_chunks), replica);
+                for &c in chunks {
+                    self.affinity.insert(c, replica);
+                }
             }
         }
     }

@@ -179,26 +179,62 @@ fn prefix_aware_spill_keeps_the_prefix_home_and_a_steady_second_holder() {
     assert_eq!((c.primary, c.matched_chunks), (Some(second), 5));
 }
 
+/// Every placement rule.
+const PLACEMENTS: [Placement; 3] = [
+    Placement::Least,
+    Placement::TwoChoices,
+    Placement::Rendezvous,
+];
+
+fn placing(placement: Placement) -> PrefixAware {
+    PrefixAware::new(PrefixAwareConfig {
+        placement,
+        ..PrefixAwareConfig::default()
+    })
+    .unwrap()
+}
+
+/// Routes `chunks` on `on` (the request finishes at once) and tells `peer`
+/// what `on` placed, as the filter does through the placement board.
+fn route_shared(
+    on: &mut PrefixAware,
+    peer: &mut PrefixAware,
+    s: &Snapshot,
+    chunks: &[u64],
+) -> Choice {
+    let c = route(on, s, chunks);
+    on.observe(
+        s,
+        &Event::Finished {
+            replica: c.primary.unwrap(),
+        },
+    );
+    if c.reason.is_placement() {
+        peer.observe(
+            s,
+            &Event::Shared {
+                chunks,
+                total_chunks: chunks.len() as u32,
+                replica: c.primary.unwrap(),
+            },
+        );
+    }
+    c
+}
+
 #[test]
-fn prefix_aware_new_prefix_placement_agrees_across_instances() {
-    // Two worker VMs with separate tables, and different histories, place a
-    // new prefix identically, with either placement: it depends on the prefix
-    // and the pool's reported state only.
-    for placement in [Placement::TwoChoices, Placement::Rendezvous] {
+fn prefix_aware_new_prefix_placement_agrees_across_instances_that_share_placements() {
+    // Two worker VMs with separate tables and different histories (each routes
+    // its own requests, and learns the other's placements as the board hands
+    // them over) place every new prefix identically, under every placement.
+    for placement in PLACEMENTS {
         let mut s = pool(8);
-        let make = || {
-            PrefixAware::new(PrefixAwareConfig {
-                placement,
-                ..PrefixAwareConfig::default()
-            })
-            .unwrap()
-        };
-        let a = make();
-        let mut b = make();
+        let (mut a, mut b) = (placing(placement), placing(placement));
         for t in 100..110 {
-            route(&mut b, &s, &chain(t, 3, t, 3));
+            route_shared(&mut b, &mut a, &s, &chain(t, 3, t, 3));
+            route_shared(&mut a, &mut b, &s, &chain(t + 50, 3, t, 3 + t as usize % 4));
         }
-        // Uneven residency, so two-choices has something to choose by.
+        // Uneven residency, so the counts have something to choose by.
         for (i, (_, rep)) in s.clone().replicas().enumerate() {
             let held: Vec<u64> = (0..i as u64 * 3)
                 .map(|c| 900_000 + 100 * i as u64 + c)
@@ -214,35 +250,75 @@ fn prefix_aware_new_prefix_placement_agrees_across_instances() {
             let (ca, cb) = (a.select(&s, &req), b.select(&s, &req));
             assert_eq!(ca.primary, cb.primary, "{placement:?}");
             let reason = match placement {
-                Placement::TwoChoices => Reason::Placed,
                 Placement::Rendezvous => Reason::Hash,
+                _ => Reason::Placed,
             };
             assert_eq!(ca.reason, reason);
+            // One of them places it, the other learns it.
+            let (on, peer) = if t % 2 == 0 {
+                (&mut a, &mut b)
+            } else {
+                (&mut b, &mut a)
+            };
+            route_shared(on, peer, &s, &ch);
+            let next = chain(t, 3, t + 1000, 4);
+            assert_eq!(
+                (peer.select(
+                    &s,
+                    &Request {
+                        chunks: &next,
+                        prompt_bytes: 1024
+                    }
+                ))
+                .primary,
+                ca.primary,
+                "{placement:?}: the peer follows the shared placement"
+            );
         }
     }
 }
 
-/// Places `tenants` new prefixes one after another on `replicas`, each
-/// reported resident on its replica before the next arrives; the largest
-/// number of prefixes on one replica.
-fn most_prefixes_on_one(placement: Placement, replicas: usize, tenants: u64, salt: u64) -> usize {
+/// Places `tenants` new prefixes one after another on `replicas`; with
+/// `report`, each is reported resident on its replica before the next
+/// arrives, else none is (a burst of placements faster than any prefill).
+/// The largest number of prefixes on one replica.
+fn most_prefixes_on_one(
+    placement: Placement,
+    replicas: usize,
+    tenants: u64,
+    salt: u64,
+    report: bool,
+) -> usize {
     let mut s = pool(replicas);
-    let mut p = PrefixAware::new(PrefixAwareConfig {
-        placement,
-        ..PrefixAwareConfig::default()
-    })
-    .unwrap();
+    let mut p = placing(placement);
     let mut per: HashMap<ReplicaRef, usize> = HashMap::new();
     for t in 0..tenants {
         let ch = chain(salt * 1000 + t, 4, salt * 1000 + t, 4);
         let c = route(&mut p, &s, &ch);
         let r = c.primary.unwrap();
         p.observe(&s, &Event::Finished { replica: r });
-        let rid = id(&s, Some(r));
-        s.add_resident(&rid, Tier::Device as i32, &ch);
+        if report {
+            let rid = id(&s, Some(r));
+            s.add_resident(&rid, Tier::Device as i32, &ch);
+        }
         *per.entry(r).or_default() += 1;
     }
     per.into_values().max().unwrap_or(0)
+}
+
+#[test]
+fn prefix_aware_least_places_new_prefixes_evenly_reported_or_not() {
+    // 16 equal prefixes on 4 replicas, over 200 sets of prefixes: always 4
+    // each, whether or not the replicas report them before the next arrives.
+    for salt in 0..200 {
+        for report in [true, false] {
+            assert_eq!(
+                most_prefixes_on_one(Placement::Least, 4, 16, salt, report),
+                4,
+                "salt {salt} report {report}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -251,8 +327,20 @@ fn prefix_aware_two_choices_spreads_new_prefixes_more_evenly_than_rendezvous() {
     // prefixes.
     let (mut two, mut hash) = (Vec::new(), Vec::new());
     for salt in 0..200 {
-        two.push(most_prefixes_on_one(Placement::TwoChoices, 4, 16, salt));
-        hash.push(most_prefixes_on_one(Placement::Rendezvous, 4, 16, salt));
+        two.push(most_prefixes_on_one(
+            Placement::TwoChoices,
+            4,
+            16,
+            salt,
+            true,
+        ));
+        hash.push(most_prefixes_on_one(
+            Placement::Rendezvous,
+            4,
+            16,
+            salt,
+            true,
+        ));
     }
     let mean = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len() as f64;
     let worst = |v: &[usize]| *v.iter().max().unwrap();
@@ -267,6 +355,55 @@ fn prefix_aware_two_choices_spreads_new_prefixes_more_evenly_than_rendezvous() {
         "rendezvous {} two choices {}",
         mean(&hash),
         mean(&two)
+    );
+}
+
+#[test]
+fn prefix_aware_counts_a_placement_once_reported_or_not() {
+    let mut s = pool(2);
+    let mut p = PrefixAware::default();
+    let ch = chain(3, 4, 3, 6);
+    let r = route(&mut p, &s, &ch).primary.unwrap();
+    assert_eq!(p.placed_chunks(&s, r), 6, "placed, not reported");
+    // Reported (its first blocks sealed): counted from the report only.
+    s.add_resident(&id(&s, Some(r)), Tier::Device as i32, &ch[..2]);
+    assert_eq!(p.placed_chunks(&s, r), 2);
+    p.observe(&s, &Event::Finished { replica: r });
+    s.add_resident(&id(&s, Some(r)), Tier::Host as i32, &ch);
+    assert_eq!(p.placed_chunks(&s, r), 6);
+    // Evicted later: not counted again as pending.
+    s.remove_resident(&id(&s, Some(r)), Tier::Device as i32, &ch);
+    s.remove_resident(&id(&s, Some(r)), Tier::Host as i32, &ch);
+    route(&mut p, &s, &chain(4, 4, 4, 1));
+    assert_eq!(p.placed_chunks(&s, r), 0);
+}
+
+#[test]
+fn prefix_aware_learns_a_shared_placement_as_affinity() {
+    // What another VM placed is where this one sends the prefix next, even
+    // where this VM would have placed it elsewhere.
+    let s = pool(4);
+    let mut p = PrefixAware::default();
+    let ch = chain(5, 4, 0, 5);
+    let req = Request {
+        chunks: &ch,
+        prompt_bytes: 5 * 256,
+    };
+    let own = p.select(&s, &req).primary.unwrap();
+    let other = s.replicas().map(|(r, _)| r).find(|&r| r != own).unwrap();
+    p.observe(
+        &s,
+        &Event::Shared {
+            chunks: &ch[..4],
+            total_chunks: 5,
+            replica: other,
+        },
+    );
+    assert_eq!(p.placed_chunks(&s, other), 5);
+    let c = route(&mut p, &s, &chain(5, 4, 1, 5));
+    assert_eq!(
+        (c.primary, c.reason, c.matched_chunks),
+        (Some(other), Reason::Affinity, 4)
     );
 }
 
@@ -519,7 +656,7 @@ fn by_name_builds_and_refuses() {
     assert!(by_name("prefix-aware", &serde_json::json!({"load_factor": 0.5})).is_err());
     assert!(by_name("prefix-aware", &serde_json::json!({"spill_gap": 0})).is_err());
     assert!(by_name("prefix-aware", &serde_json::json!({"typo": 1})).is_err());
-    for placement in ["two-choices", "rendezvous"] {
+    for placement in ["least", "two-choices", "rendezvous"] {
         assert!(by_name("prefix-aware", &serde_json::json!({"placement": placement})).is_ok());
     }
     assert!(by_name("prefix-aware", &serde_json::json!({"placement": "random"})).is_err());
@@ -544,6 +681,10 @@ enum Op {
         replica: usize,
         queued: u64,
     },
+    Shared {
+        replica: usize,
+        prefix: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -554,6 +695,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..8).prop_map(Op::Add),
         1 => (0usize..8, 0u64..6, 1i32..4).prop_map(|(replica, prefix, tier)| Op::Resident { replica, prefix, tier }),
         1 => (0usize..8, 0u64..5000).prop_map(|(replica, queued)| Op::Load { replica, queued }),
+        1 => (0usize..8, 0u64..6).prop_map(|(replica, prefix)| Op::Shared { replica, prefix }),
     ]
 }
 
@@ -609,6 +751,20 @@ proptest! {
                 Op::Load { replica: i, queued } => {
                     if s.find(&format!("r{i}")).is_some() {
                         s.upsert(&replica(i, queued));
+                    }
+                }
+                Op::Shared { replica: i, prefix } => {
+                    // A placement read from the board may name a replica this
+                    // VM's snapshot no longer has.
+                    let gone = pool(8);
+                    let r = s.find(&format!("r{i}")).or_else(|| gone.find(&format!("r{i}"))).map(|(r, _)| r);
+                    let ch = chain(prefix, 4, prefix, 4);
+                    if let Some(replica) = r {
+                        let e = Event::Shared { chunks: &ch, total_chunks: 4, replica };
+                        for p in policies.iter_mut() {
+                            p.observe(&s, &e);
+                        }
+                        pa.observe(&s, &e);
                     }
                 }
             }
