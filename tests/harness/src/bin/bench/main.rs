@@ -388,7 +388,12 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     if let Some(p) = &cli.json {
         std::fs::write(
             p,
-            serde_json::to_string_pretty(&report::json(&setup, &summaries))?,
+            serde_json::to_string_pretty(&report::json(
+                &setup,
+                &summaries,
+                &runs,
+                &trace.iter().map(|r| r.tag.clone()).collect::<Vec<_>>(),
+            ))?,
         )?;
     }
     if let Some(p) = &cli.svg {

@@ -160,7 +160,30 @@ pub(crate) fn markdown(setup: &Setup, rows: &[Summary]) -> String {
     s
 }
 
-pub(crate) fn json(setup: &Setup, rows: &[Summary]) -> Value {
+/// Per request of one run, in trace order: what the analysis of a single
+/// miss or a slow request needs.
+fn requests(run: &Run, tags: &[Option<String>]) -> Vec<Value> {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    run.outcomes
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            json!({
+                "i": i, "tag": tags.get(i).cloned().flatten(), "ok": o.ok,
+                "sent_ms": ms(o.sent), "ttft_ms": o.ttft.map(ms), "e2e_ms": ms(o.e2e),
+                "prompt_tokens": o.prompt_tokens, "cached_tokens": o.cached_tokens,
+            })
+        })
+        .collect()
+}
+
+/// The summaries, and every request of every run (`tags`: the trace's).
+pub(crate) fn json(
+    setup: &Setup,
+    rows: &[Summary],
+    runs: &[Run],
+    tags: &[Option<String>],
+) -> Value {
     json!({
         "command": setup.command,
         "replicas": setup.replicas,
@@ -168,7 +191,7 @@ pub(crate) fn json(setup: &Setup, rows: &[Summary]) -> Value {
         "workload": setup.workload,
         "mode": setup.mode,
         "oracle_ratio": setup.oracle_ratio,
-        "targets": rows.iter().map(|r| json!({
+        "targets": rows.iter().zip(runs).map(|(r, run)| json!({
             "name": r.name, "ok": r.ok, "failed": r.failed,
             "cached_ratio": r.cached_ratio, "of_oracle": r.of_oracle,
             "ttft_ms": {"p50": r.ttft_ms[0], "p90": r.ttft_ms[1], "p99": r.ttft_ms[2]},
@@ -178,6 +201,7 @@ pub(crate) fn json(setup: &Setup, rows: &[Summary]) -> Value {
             "queued_prefill_max_over_mean": r.queue_max_over_mean,
             "prefill_tokens_max_over_mean": r.prefill_max_over_mean,
             "wall_s": r.wall_s,
+            "requests": requests(run, tags),
         })).collect::<Vec<_>>(),
     })
 }
