@@ -25,18 +25,15 @@ const DEVICE: usize = 10;
 fn model_path() -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("kvmesh-tiers-{}.gguf", std::process::id()));
     if !p.exists() {
-        // Tests run in parallel: write aside, then rename (atomic), so no test reads a
-        // half-written model.
-        let tmp = p.with_extension(format!("{:?}.tmp", std::thread::current().id()));
+        // Tests run in parallel; write_gguf renames a whole file into place.
         write_gguf(
-            &tmp,
+            &p,
             &TinySpec {
                 dtype: GgmlDType::Q8_0,
                 ..TinySpec::default()
             },
         )
         .unwrap();
-        std::fs::rename(&tmp, &p).unwrap();
     }
     p
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -197,7 +198,8 @@ fn vocab_tokens(spec: &TinySpec) -> Vec<String> {
 }
 
 /// Writes the model as a GGUF file (architecture `llama`, tokenizer `gpt2` with no merges: one
-/// token per byte).
+/// token per byte). The file is written aside and renamed into place, so a reader of `path` (a
+/// parallel test writing the same model) sees the whole of one complete file, never a half.
 pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     let mut qs: Vec<(String, QTensor)> = Vec::new();
     weights(spec, |name, t| {
@@ -246,8 +248,13 @@ pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     ];
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = BufWriter::new(File::create(path)?);
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let aside = path.with_extension(format!("{}-{n}.part", std::process::id()));
+    let mut f = BufWriter::new(File::create(&aside)?);
     gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&aside, path)?;
     Ok(())
 }
 

@@ -194,6 +194,26 @@ fn byte_tokenizer_and_chat_template() {
     );
 }
 
+/// Parallel tests write the same model to the same path while others load it: a load never
+/// sees a half-written file (CI once failed `failed to fill whole buffer` before writes were
+/// renamed into place).
+#[test]
+fn a_model_rewritten_while_loading_always_loads_whole() {
+    let p = tmp("rewritten.gguf");
+    let spec = TinySpec::default();
+    write_gguf(&p, &spec).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..8 {
+                    write_gguf(&p, &spec).unwrap();
+                    load(&p).unwrap();
+                }
+            });
+        }
+    });
+}
+
 #[test]
 fn a_bad_block_table_is_an_error_not_a_panic() {
     let m = tiny(GgmlDType::Q8_0);

@@ -24,11 +24,8 @@ struct Server {
 async fn start(engine: EngineConfig) -> Server {
     let p = std::env::temp_dir().join(format!("kvmesh-http-{}.gguf", std::process::id()));
     if !p.exists() {
-        // Tests run in parallel: write aside, then rename (atomic), so no test reads a
-        // half-written model.
-        let tmp = p.with_extension(format!("{:?}.tmp", std::thread::current().id()));
-        write_gguf(&tmp, &TinySpec::default()).unwrap();
-        std::fs::rename(&tmp, &p).unwrap();
+        // Tests run in parallel; write_gguf renames a whole file into place.
+        write_gguf(&p, &TinySpec::default()).unwrap();
     }
     let cfg = ServerConfig {
         model_name: MODEL.into(),
