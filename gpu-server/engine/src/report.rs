@@ -94,6 +94,9 @@ pub struct Status {
     pub cached_prompt_tokens: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
+    /// Requests held back at admission (once each) while a running sequence prefilled blocks
+    /// of their prefix.
+    pub prefix_waits: u64,
     pub cancelled: u64,
     pub block_tokens: usize,
     pub pool_bytes: usize,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use kvmesh_gpu_server_kv::{BlockManager, BlockTable, KvConfig, ResidencyEvent, Tier};
+use kvmesh_gpu_server_kv::{BlockHash, BlockManager, BlockTable, KvConfig, ResidencyEvent, Tier};
 use kvmesh_gpu_server_model::{KvPool, Model, SeqInput};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -154,6 +154,11 @@ struct Seq {
     chunks_mapped: usize,
     /// Its disk blocks were read ahead while it waited.
     prefetched: bool,
+    /// Hashes of the full blocks of `tokens` when it was admitted: the blocks its prefill
+    /// seals, in order (what a waiting request with the same prefix can wait for).
+    admitted_hashes: Vec<BlockHash>,
+    /// It was held back at least once for another sequence's prefill of its prefix.
+    waited: bool,
 }
 
 impl Seq {
@@ -308,6 +313,8 @@ impl Core {
                     started: false,
                     chunks_mapped: 0,
                     prefetched: false,
+                    admitted_hashes: Vec::new(),
+                    waited: false,
                     req,
                 });
             }
@@ -397,7 +404,10 @@ impl Core {
             budget -= take;
             i += 1;
         }
-        // Admit waiting requests while budget, batch room and blocks allow.
+        // Admit waiting requests while budget, batch room and blocks allow. A request whose
+        // prefix a running sequence is still prefilling waits for those blocks to seal rather
+        // than compute the same KV beside it (it keeps its place; those behind it go ahead).
+        let mut held = Vec::new();
         while budget > 0 && self.running.len() < self.cfg.max_running && i == self.running.len() {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
@@ -408,6 +418,14 @@ impl Core {
             let limit = s.tokens.len();
             let hashes = s.table.prefix_hashes(&s.tokens, limit);
             let places = self.mgr.locate_prefix(&hashes);
+            if being_computed(&self.running, &hashes, places.len()) {
+                if !s.waited {
+                    s.waited = true;
+                    self.stats.prefix_waits += 1;
+                }
+                held.push(s);
+                continue;
+            }
             self.tiers.stage(&mut self.mgr, &hashes, &places);
             let tiers = &self.tiers;
             let mut cached =
@@ -450,10 +468,14 @@ impl Core {
                     cached_tokens: cached,
                 });
             }
+            s.admitted_hashes = hashes;
             self.running.push(s);
             plan.push((i, take));
             budget -= take;
             i += 1;
+        }
+        for s in held.into_iter().rev() {
+            self.waiting.push_front(s);
         }
         // Requests still waiting get their disk blocks read ahead, in the background.
         for s in self.waiting.iter_mut().take(4) {
@@ -722,6 +744,21 @@ impl Core {
 
 /// Maps the sequence's text chunks that end inside the newly sealed (or reused) blocks
 /// `sealed` (`(block index, hash)`, ascending) to those blocks.
+/// Whether a running sequence's prefill will seal blocks of `hashes` beyond the first `cached`
+/// (those already cached in some tier): the leading blocks the two share that are not cached
+/// yet are ones it is computing.
+fn being_computed(running: &[Seq], hashes: &[BlockHash], cached: usize) -> bool {
+    running.iter().any(|r| {
+        let shared = r
+            .admitted_hashes
+            .iter()
+            .zip(hashes)
+            .take_while(|(a, b)| a == b)
+            .count();
+        shared > cached
+    })
+}
+
 fn map_chunks(mgr: &mut BlockManager, s: &mut Seq, sealed: &[(usize, u64)], block_tokens: usize) {
     for &(b, h) in sealed {
         let end = (b + 1) * block_tokens;

@@ -212,6 +212,35 @@ fn a_fully_cached_prompt_recomputes_only_its_last_token_in_a_private_block() {
 }
 
 #[test]
+fn a_request_waits_for_a_running_prefill_of_its_prefix_rather_than_compute_it_again() {
+    let e = engine(EngineConfig {
+        step_tokens: 128,
+        ..EngineConfig::default()
+    });
+    // A 2,000-token prompt (125 blocks) prefills in 16 steps; a second request made of the
+    // same prompt and a tail arrives while it does. Computing beside it, the second would
+    // take only what the first had sealed by the step it is admitted in (its last chunk,
+    // 1,920..2,000, still running); waiting, it takes all 125 blocks.
+    let a = prompt(2000, 7);
+    let mut b = a.clone();
+    b.extend([1, 2, 3]);
+    let mut ra = submit(&e, &a, greedy(4));
+    let mut rb = submit(&e, &b, greedy(4));
+    assert_eq!(finish(&mut ra).0, 0);
+    let (cached_b, toks_b, _) = finish(&mut rb);
+    assert_eq!(
+        cached_b, 2000,
+        "every block the first request's prefill sealed"
+    );
+    // And the same tokens as computed alone.
+    e.clear_cache();
+    wait_until(&e, "cache cleared", |s| s.cache.cached == 0);
+    let (cached, alone, _) = finish(&mut submit(&e, &b, greedy(4)));
+    assert_eq!(cached, 0);
+    assert_eq!(toks_b, alone);
+}
+
+#[test]
 fn batched_decoding_gives_the_same_tokens_as_one_at_a_time() {
     let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(20 + 9 * i, i as u32 + 10)).collect();
     let e = engine(EngineConfig::default());

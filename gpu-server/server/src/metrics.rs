@@ -135,6 +135,11 @@ impl prometheus_client::collector::Collector for EngineCollector {
             s.preemptions,
         )?;
         counter(
+            "kvmesh_prefix_waits",
+            "Requests held at admission while another sequence prefilled their prefix",
+            s.prefix_waits,
+        )?;
+        counter(
             "kvmesh_cancelled_requests",
             "Requests dropped because the client went away",
             s.cancelled,

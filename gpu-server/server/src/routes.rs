@@ -123,6 +123,7 @@ pub(crate) async fn debug_cache(State(state): State<Arc<AppState>>) -> Json<Valu
         "cached_prompt_tokens": s.cached_prompt_tokens,
         "generated_tokens": s.generated_tokens,
         "preemptions": s.preemptions,
+        "prefix_waits": s.prefix_waits,
         "cancelled": s.cancelled,
         "tiers": tiers,
         "cost_model": s.cost,

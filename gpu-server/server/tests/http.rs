@@ -166,6 +166,8 @@ async fn completions_usage_cache_and_residency() {
         metrics.contains(&format!("kvmesh_cached_prompt_tokens_total {cached}")),
         "{metrics}"
     );
+    // One request after the other: neither waited for the other's prefill.
+    assert!(metrics.contains("kvmesh_prefix_waits_total 0"), "{metrics}");
     // Both requests generated, so both have a time to first token (the dashboard's panel).
     assert!(
         metrics.contains("kvmesh_time_to_first_token_seconds_count 2"),
