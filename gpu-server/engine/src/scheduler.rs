@@ -742,8 +742,6 @@ impl Core {
     }
 }
 
-/// Maps the sequence's text chunks that end inside the newly sealed (or reused) blocks
-/// `sealed` (`(block index, hash)`, ascending) to those blocks.
 /// Whether a running sequence's prefill will seal blocks of `hashes` beyond the first `cached`
 /// (those already cached in some tier): the leading blocks the two share that are not cached
 /// yet are ones it is computing.
@@ -759,6 +757,8 @@ fn being_computed(running: &[Seq], hashes: &[BlockHash], cached: usize) -> bool 
     })
 }
 
+/// Maps the sequence's text chunks that end inside the newly sealed (or reused) blocks
+/// `sealed` (`(block index, hash)`, ascending) to those blocks.
 fn map_chunks(mgr: &mut BlockManager, s: &mut Seq, sealed: &[(usize, u64)], block_tokens: usize) {
     for &(b, h) in sealed {
         let end = (b + 1) * block_tokens;
