@@ -251,11 +251,17 @@ pub fn write_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     static WRITES: AtomicU64 = AtomicU64::new(0);
     let n = WRITES.fetch_add(1, Ordering::Relaxed);
     let aside = path.with_extension(format!("{}-{n}.part", std::process::id()));
-    let mut f = BufWriter::new(File::create(&aside)?);
-    gguf_file::write(&mut f, &md_refs, &t_refs)?;
-    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&aside, path)?;
-    Ok(())
+    let written = (|| -> Result<()> {
+        let mut f = BufWriter::new(File::create(&aside)?);
+        gguf_file::write(&mut f, &md_refs, &t_refs)?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(std::fs::rename(&aside, path)?)
+    })();
+    if written.is_err() {
+        // A failed write (a full disk under an 8B-shaped `gen-tiny`) leaves nothing behind.
+        let _ = std::fs::remove_file(&aside);
+    }
+    written
 }
 
 /// Writes the same tiny model as an HF directory: `config.json`, `tokenizer.json`,
