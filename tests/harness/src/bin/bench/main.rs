@@ -141,11 +141,18 @@ fn body(r: &TraceRequest) -> Value {
     b
 }
 
+/// What the oracle reached: its cached-token ratio, and how many requests it
+/// served with nothing from cache (the fewest any router can).
+struct Oracle {
+    ratio: f64,
+    uncached: usize,
+}
+
 /// The oracle: infinite cache and perfect routing, measured on the real
 /// server: one replica with a cache that never evicts serves the whole trace
 /// in order, so each request reuses the longest block-aligned prefix of any
 /// earlier one.
-async fn oracle(stack: &mut Stack, trace: &[TraceRequest], blocks: u64) -> anyhow::Result<f64> {
+async fn oracle(stack: &mut Stack, trace: &[TraceRequest], blocks: u64) -> anyhow::Result<Oracle> {
     let args = stack.config().replica_args.clone();
     let mut cleaned = Vec::new();
     let mut skip = false;
@@ -166,7 +173,7 @@ async fn oracle(stack: &mut Stack, trace: &[TraceRequest], blocks: u64) -> anyho
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()?;
-    let (mut cached, mut prompt) = (0u64, 0u64);
+    let (mut cached, mut prompt, mut uncached) = (0u64, 0u64, 0usize);
     let start = Instant::now();
     for r in trace {
         let mut b = body(r);
@@ -175,9 +182,13 @@ async fn oracle(stack: &mut Stack, trace: &[TraceRequest], blocks: u64) -> anyho
         anyhow::ensure!(o.ok, "oracle request failed: {:?}", o.error);
         cached += o.cached_tokens;
         prompt += o.prompt_tokens;
+        uncached += usize::from(o.cached_tokens == 0);
     }
     stack.restart_replica_with(0, None).await?;
-    Ok(cached as f64 / prompt.max(1) as f64)
+    Ok(Oracle {
+        ratio: cached as f64 / prompt.max(1) as f64,
+        uncached,
+    })
 }
 
 /// Samples each replica's `kvmesh_queued_prefill_tokens` every 100 ms.
@@ -349,8 +360,11 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         "==> oracle: the trace in order on one replica with {} KV blocks",
         cli.oracle_kv_blocks
     );
-    let oracle_ratio = oracle(&mut stack, &trace, cli.oracle_kv_blocks).await?;
-    eprintln!("    oracle cached-token ratio {oracle_ratio:.3}");
+    let oracle = oracle(&mut stack, &trace, cli.oracle_kv_blocks).await?;
+    eprintln!(
+        "    oracle cached-token ratio {:.3}, {} requests with nothing cached",
+        oracle.ratio, oracle.uncached
+    );
 
     let mut runs = Vec::new();
     for s in &cli.strategies {
@@ -369,7 +383,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     }
     stack.stop();
 
-    let summaries: Vec<Summary> = runs.iter().map(|r| Summary::of(r, oracle_ratio)).collect();
+    let summaries: Vec<Summary> = runs.iter().map(|r| Summary::of(r, oracle.ratio)).collect();
     let setup = report::Setup {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         replicas: cli.replicas,
@@ -381,7 +395,8 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         },
         output_tokens: (lo, hi),
         kv_blocks: cli.kv_blocks,
-        oracle_ratio,
+        oracle_ratio: oracle.ratio,
+        oracle_uncached: oracle.uncached,
     };
     let table = report::markdown(&setup, &summaries);
     println!("{table}");
@@ -397,7 +412,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         )?;
     }
     if let Some(p) = &cli.svg {
-        std::fs::write(p, report::svg(&summaries, oracle_ratio)?)?;
+        std::fs::write(p, report::svg(&summaries, oracle.ratio)?)?;
     }
     if let Some(p) = &cli.md {
         report::splice(p, &table)?;

@@ -31,6 +31,8 @@ pub(crate) struct Setup {
     pub(crate) output_tokens: (u32, u32),
     pub(crate) kv_blocks: u64,
     pub(crate) oracle_ratio: f64,
+    /// Requests the oracle served with nothing from cache.
+    pub(crate) oracle_uncached: usize,
 }
 
 /// One target's figures.
@@ -41,6 +43,9 @@ pub(crate) struct Summary {
     pub(crate) failed: usize,
     pub(crate) cached_ratio: f64,
     pub(crate) of_oracle: f64,
+    /// Requests served with nothing from cache: each is a prompt computed
+    /// whole, on a replica that held no block of its prefix.
+    pub(crate) uncached: usize,
     pub(crate) ttft_ms: [f64; 3],
     pub(crate) e2e_ms: [f64; 2],
     pub(crate) decode_tps: f64,
@@ -95,6 +100,7 @@ impl Summary {
             } else {
                 f64::NAN
             },
+            uncached: ok.iter().filter(|o| o.cached_tokens == 0).count(),
             ttft_ms: [pct(&ttft, 0.5), pct(&ttft, 0.9), pct(&ttft, 0.99)],
             e2e_ms: [pct(&e2e, 0.5), pct(&e2e, 0.99)],
             decode_tps: pct(&decode, 0.5),
@@ -107,10 +113,11 @@ impl Summary {
 
     pub(crate) fn line(&self) -> String {
         format!(
-            "ok {} failed {} cached {:.3} TTFT p50 {:.0} ms p99 {:.0} ms e2e p50 {:.0} ms queued-prefill max/mean {:.2} prefill max/mean {:.2} wall {:.1} s",
+            "ok {} failed {} cached {:.3} uncached {} TTFT p50 {:.0} ms p99 {:.0} ms e2e p50 {:.0} ms queued-prefill max/mean {:.2} prefill max/mean {:.2} wall {:.1} s",
             self.ok,
             self.failed,
             self.cached_ratio,
+            self.uncached,
             self.ttft_ms[0],
             self.ttft_ms[2],
             self.e2e_ms[0],
@@ -124,7 +131,7 @@ impl Summary {
 pub(crate) fn markdown(setup: &Setup, rows: &[Summary]) -> String {
     let mut s = format!(
         "Command: `{}`\n\n{} replicas, {} requests, {}, {}, output tokens {}-{} (greedy), {} KV blocks of 16 tokens per replica; \
-         oracle cached-token ratio {:.3} (the trace in order on one replica whose cache never evicts).\n\n",
+         oracle cached-token ratio {:.3}, {} requests with nothing cached (the trace in order on one replica whose cache never evicts).\n\n",
         setup.command,
         setup.replicas,
         setup.requests,
@@ -133,18 +140,20 @@ pub(crate) fn markdown(setup: &Setup, rows: &[Summary]) -> String {
         setup.output_tokens.0,
         setup.output_tokens.1,
         setup.kv_blocks,
-        setup.oracle_ratio
+        setup.oracle_ratio,
+        setup.oracle_uncached
     );
-    s.push_str("| target | ok | failed | cached ratio | of oracle | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | decode tok/s p50 | output tok/s | queued prefill max/mean | prefill tokens max/mean | wall s |\n");
-    s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    s.push_str("| target | ok | failed | cached ratio | of oracle | uncached requests | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | decode tok/s p50 | output tok/s | queued prefill max/mean | prefill tokens max/mean | wall s |\n");
+    s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} |\n",
+            "| {} | {} | {} | {:.3} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} |\n",
             r.name,
             r.ok,
             r.failed,
             r.cached_ratio,
             r.of_oracle,
+            r.uncached,
             r.ttft_ms[0],
             r.ttft_ms[1],
             r.ttft_ms[2],
@@ -191,9 +200,11 @@ pub(crate) fn json(
         "workload": setup.workload,
         "mode": setup.mode,
         "oracle_ratio": setup.oracle_ratio,
+        "oracle_uncached_requests": setup.oracle_uncached,
         "targets": rows.iter().zip(runs).map(|(r, run)| json!({
             "name": r.name, "ok": r.ok, "failed": r.failed,
             "cached_ratio": r.cached_ratio, "of_oracle": r.of_oracle,
+            "uncached_requests": r.uncached,
             "ttft_ms": {"p50": r.ttft_ms[0], "p90": r.ttft_ms[1], "p99": r.ttft_ms[2]},
             "e2e_ms": {"p50": r.e2e_ms[0], "p99": r.e2e_ms[1]},
             "decode_tokens_per_s_p50": r.decode_tps,
@@ -312,4 +323,67 @@ pub(crate) fn splice(path: &Path, table: &str) -> anyhow::Result<()> {
     };
     std::fs::write(path, new)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(ok: bool, prompt: u64, cached: u64) -> Outcome {
+        Outcome {
+            ok,
+            status: if ok { 200 } else { 503 },
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            completion_tokens: 4,
+            ttft: Some(Duration::from_millis(100)),
+            e2e: Duration::from_millis(300),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_summary_counts_requests_served_with_nothing_cached_and_the_table_lines_up() {
+        let run = Run {
+            name: "kvmesh prefix-aware".into(),
+            outcomes: vec![
+                outcome(true, 800, 0),
+                outcome(true, 800, 640),
+                outcome(true, 800, 0),
+                outcome(false, 0, 0),
+            ],
+            wall: Duration::from_secs(2),
+            queues: vec![vec![10.0, 30.0], vec![20.0, 20.0]],
+            prefill: vec![1600.0, 960.0],
+        };
+        let s = Summary::of(&run, 0.5);
+        assert_eq!((s.ok, s.failed, s.uncached), (3, 1, 2));
+        assert!((s.cached_ratio - 640.0 / 2400.0).abs() < 1e-12);
+
+        let setup = Setup {
+            command: "kvmesh-bench".into(),
+            replicas: 2,
+            requests: 4,
+            workload: "w".into(),
+            mode: "closed loop, 4 clients".into(),
+            output_tokens: (16, 32),
+            kv_blocks: 240,
+            oracle_ratio: 0.5,
+            oracle_uncached: 1,
+        };
+        let md = markdown(&setup, &[s]);
+        assert!(md.contains("1 requests with nothing cached"), "{md}");
+        let rows: Vec<Vec<&str>> = md
+            .lines()
+            .filter(|l| l.starts_with('|'))
+            .map(|l| l.split('|').map(str::trim).collect())
+            .collect();
+        assert_eq!(rows.len(), 3, "{md}");
+        assert!(rows.iter().all(|r| r.len() == rows[0].len()), "{md}");
+        let col = rows[0]
+            .iter()
+            .position(|&h| h == "uncached requests")
+            .unwrap();
+        assert_eq!(rows[2][col], "2");
+    }
 }
