@@ -19,7 +19,7 @@ use kvmesh_tests_harness::load::{Outcome, send};
 use kvmesh_tests_harness::stack::{Stack, StackConfig};
 use serde_json::Value;
 
-use crate::report::{Run, Summary};
+use crate::report::{CacheUse, Run, Summary};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum WorkloadKind {
@@ -141,18 +141,16 @@ fn body(r: &TraceRequest) -> Value {
     b
 }
 
-/// What the oracle reached: its cached-token ratio, and how many requests it
-/// served with nothing from cache (the fewest any router can).
-struct Oracle {
-    ratio: f64,
-    uncached: usize,
-}
-
 /// The oracle: infinite cache and perfect routing, measured on the real
 /// server: one replica with a cache that never evicts serves the whole trace
 /// in order, so each request reuses the longest block-aligned prefix of any
-/// earlier one.
-async fn oracle(stack: &mut Stack, trace: &[TraceRequest], blocks: u64) -> anyhow::Result<Oracle> {
+/// earlier one. Its count of requests with nothing cached is the fewest any
+/// router can reach.
+async fn oracle(
+    stack: &mut Stack,
+    trace: &[TraceRequest],
+    blocks: u64,
+) -> anyhow::Result<CacheUse> {
     let args = stack.config().replica_args.clone();
     let mut cleaned = Vec::new();
     let mut skip = false;
@@ -173,22 +171,17 @@ async fn oracle(stack: &mut Stack, trace: &[TraceRequest], blocks: u64) -> anyho
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()?;
-    let (mut cached, mut prompt, mut uncached) = (0u64, 0u64, 0usize);
+    let mut served = Vec::with_capacity(trace.len());
     let start = Instant::now();
     for r in trace {
         let mut b = body(r);
         b["max_tokens"] = Value::from(1);
         let o = send(&client, &format!("http://{addr}"), &r.path, b, false, start).await;
         anyhow::ensure!(o.ok, "oracle request failed: {:?}", o.error);
-        cached += o.cached_tokens;
-        prompt += o.prompt_tokens;
-        uncached += usize::from(o.cached_tokens == 0);
+        served.push(o);
     }
     stack.restart_replica_with(0, None).await?;
-    Ok(Oracle {
-        ratio: cached as f64 / prompt.max(1) as f64,
-        uncached,
-    })
+    Ok(CacheUse::of(&served))
 }
 
 /// Samples each replica's `kvmesh_queued_prefill_tokens` every 100 ms.
@@ -395,8 +388,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         },
         output_tokens: (lo, hi),
         kv_blocks: cli.kv_blocks,
-        oracle_ratio: oracle.ratio,
-        oracle_uncached: oracle.uncached,
+        oracle,
     };
     let table = report::markdown(&setup, &summaries);
     println!("{table}");

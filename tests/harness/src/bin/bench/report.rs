@@ -30,9 +30,31 @@ pub(crate) struct Setup {
     pub(crate) mode: String,
     pub(crate) output_tokens: (u32, u32),
     pub(crate) kv_blocks: u64,
-    pub(crate) oracle_ratio: f64,
-    /// Requests the oracle served with nothing from cache.
-    pub(crate) oracle_uncached: usize,
+    /// What the oracle took from cache.
+    pub(crate) oracle: CacheUse,
+}
+
+/// What served requests took from cache: the cached-token ratio, and how many
+/// got nothing from cache (each a prompt computed whole).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CacheUse {
+    pub(crate) ratio: f64,
+    pub(crate) uncached: usize,
+}
+
+impl CacheUse {
+    pub(crate) fn of<'a>(served: impl IntoIterator<Item = &'a Outcome>) -> CacheUse {
+        let (mut cached, mut prompt, mut uncached) = (0u64, 0u64, 0usize);
+        for o in served {
+            cached += o.cached_tokens;
+            prompt += o.prompt_tokens;
+            uncached += usize::from(o.cached_tokens == 0);
+        }
+        CacheUse {
+            ratio: cached as f64 / prompt.max(1) as f64,
+            uncached,
+        }
+    }
 }
 
 /// One target's figures.
@@ -43,8 +65,7 @@ pub(crate) struct Summary {
     pub(crate) failed: usize,
     pub(crate) cached_ratio: f64,
     pub(crate) of_oracle: f64,
-    /// Requests served with nothing from cache: each is a prompt computed
-    /// whole, on a replica that held no block of its prefix.
+    /// Requests served with nothing from cache.
     pub(crate) uncached: usize,
     pub(crate) ttft_ms: [f64; 3],
     pub(crate) e2e_ms: [f64; 2],
@@ -77,9 +98,8 @@ fn max_over_mean(v: &[f64]) -> f64 {
 impl Summary {
     pub(crate) fn of(run: &Run, oracle: f64) -> Summary {
         let ok: Vec<&Outcome> = run.outcomes.iter().filter(|o| o.ok).collect();
-        let cached: u64 = ok.iter().map(|o| o.cached_tokens).sum();
-        let prompt: u64 = ok.iter().map(|o| o.prompt_tokens).sum();
-        let cached_ratio = cached as f64 / prompt.max(1) as f64;
+        let cache = CacheUse::of(ok.iter().copied());
+        let cached_ratio = cache.ratio;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let ttft = sorted(ok.iter().filter_map(|o| o.ttft.map(ms)).collect());
         let e2e = sorted(ok.iter().map(|o| ms(o.e2e)).collect());
@@ -100,7 +120,7 @@ impl Summary {
             } else {
                 f64::NAN
             },
-            uncached: ok.iter().filter(|o| o.cached_tokens == 0).count(),
+            uncached: cache.uncached,
             ttft_ms: [pct(&ttft, 0.5), pct(&ttft, 0.9), pct(&ttft, 0.99)],
             e2e_ms: [pct(&e2e, 0.5), pct(&e2e, 0.99)],
             decode_tps: pct(&decode, 0.5),
@@ -140,8 +160,8 @@ pub(crate) fn markdown(setup: &Setup, rows: &[Summary]) -> String {
         setup.output_tokens.0,
         setup.output_tokens.1,
         setup.kv_blocks,
-        setup.oracle_ratio,
-        setup.oracle_uncached
+        setup.oracle.ratio,
+        setup.oracle.uncached
     );
     s.push_str("| target | ok | failed | cached ratio | of oracle | uncached requests | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | decode tok/s p50 | output tok/s | queued prefill max/mean | prefill tokens max/mean | wall s |\n");
     s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
@@ -199,8 +219,8 @@ pub(crate) fn json(
         "requests": setup.requests,
         "workload": setup.workload,
         "mode": setup.mode,
-        "oracle_ratio": setup.oracle_ratio,
-        "oracle_uncached_requests": setup.oracle_uncached,
+        "oracle_ratio": setup.oracle.ratio,
+        "oracle_uncached_requests": setup.oracle.uncached,
         "targets": rows.iter().zip(runs).map(|(r, run)| json!({
             "name": r.name, "ok": r.ok, "failed": r.failed,
             "cached_ratio": r.cached_ratio, "of_oracle": r.of_oracle,
@@ -368,8 +388,10 @@ mod tests {
             mode: "closed loop, 4 clients".into(),
             output_tokens: (16, 32),
             kv_blocks: 240,
-            oracle_ratio: 0.5,
-            oracle_uncached: 1,
+            oracle: CacheUse {
+                ratio: 0.5,
+                uncached: 1,
+            },
         };
         let md = markdown(&setup, &[s]);
         assert!(md.contains("1 requests with nothing cached"), "{md}");
