@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use kvmesh_host_sim::{PluginSpec, SimConfig, simulate};
-use kvmesh_host_trace::{Arrivals, TraceRequest, Workload, generate_with, read_jsonl, write_jsonl};
+use kvmesh_host_trace::{
+    Arrivals, LongQuestions, TraceRequest, Workload, generate_with, read_jsonl, write_jsonl,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "kvmesh-host", version, about)]
@@ -69,6 +71,13 @@ struct GenArgs {
     /// Bytes of the unique part (question, reply).
     #[arg(long, default_value_t = 256)]
     unique_bytes: usize,
+    /// Shared-system workload: fraction of the requests whose question is
+    /// long (a pasted document), so most of their prompt is their own.
+    #[arg(long, default_value_t = 0.0)]
+    long_question_share: f64,
+    /// Bytes of each long question.
+    #[arg(long, default_value_t = 8000)]
+    long_question_bytes: usize,
     /// Turns per multi-turn session.
     #[arg(long, default_value_t = 6)]
     turns: u32,
@@ -86,6 +95,10 @@ impl GenArgs {
                 skew: self.skew,
                 system_bytes: self.shared_bytes,
                 question_bytes: self.unique_bytes,
+                long_questions: Some(LongQuestions {
+                    share: self.long_question_share,
+                    bytes: self.long_question_bytes,
+                }),
             },
             Kind::MultiTurn => Workload::MultiTurnChat {
                 sessions: self.groups,

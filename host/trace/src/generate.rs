@@ -23,6 +23,9 @@ pub enum Workload {
         system_bytes: usize,
         /// Bytes of each question.
         question_bytes: usize,
+        /// Some questions carry a long text of their own (a pasted document
+        /// or retrieved passages), so their prompt is mostly not shared.
+        long_questions: Option<LongQuestions>,
     },
     /// Conversations: each request of a session repeats the whole history
     /// (user and assistant turns) and adds a new user turn.
@@ -54,6 +57,15 @@ pub enum Workload {
         /// Bytes per prompt.
         prompt_bytes: usize,
     },
+}
+
+/// The questions of [`Workload::SharedSystemPrompts`] that are long.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LongQuestions {
+    /// Fraction of the requests, 0..=1.
+    pub share: f64,
+    /// Bytes of each long question, in place of `question_bytes`.
+    pub bytes: usize,
 }
 
 /// When requests arrive and how long their answers are.
@@ -220,10 +232,17 @@ pub fn generate_with(
                 tenants,
                 skew,
                 question_bytes,
+                long_questions,
                 ..
             } => {
                 let t = zipf(&mut rng, *tenants, *skew);
-                let q = text(&mut rng, *question_bytes);
+                // Drawn only when asked for, so traces without long
+                // questions stay what they were.
+                let bytes = match long_questions {
+                    Some(l) if l.share > 0.0 && rng.random::<f64>() < l.share => l.bytes,
+                    _ => *question_bytes,
+                };
+                let q = text(&mut rng, bytes);
                 (
                     "/v1/chat/completions",
                     json!({
@@ -316,6 +335,7 @@ mod tests {
             skew: 1.0,
             system_bytes: 500,
             question_bytes: 50,
+            long_questions: None,
         };
         assert_eq!(generate(&w, 20, "m", 1), generate(&w, 20, "m", 1));
         assert_ne!(generate(&w, 20, "m", 1), generate(&w, 20, "m", 2));
@@ -328,6 +348,7 @@ mod tests {
             skew: 1.0,
             system_bytes: 300,
             question_bytes: 40,
+            long_questions: None,
         };
         let t = generate(&w, 50, "m", 3);
         let mut seen = std::collections::HashMap::new();
@@ -354,6 +375,7 @@ mod tests {
                 skew,
                 system_bytes: 10,
                 question_bytes: 10,
+                long_questions: None,
             };
             let mut n = [0u32; 4];
             for r in generate(&w, 4000, "m", 11) {
@@ -369,6 +391,40 @@ mod tests {
         // Uniform: 25 % each.
         let u = counts(0.0);
         assert!(u.iter().all(|&c| (900..1100).contains(&c)), "{u:?}");
+    }
+
+    #[test]
+    fn long_questions_take_their_share_and_leave_other_traces_alone() {
+        let workload = |long_questions| Workload::SharedSystemPrompts {
+            tenants: 4,
+            skew: 0.0,
+            system_bytes: 100,
+            question_bytes: 20,
+            long_questions,
+        };
+        let question_len =
+            |r: &TraceRequest| r.body["messages"][1]["content"].as_str().unwrap().len();
+        let t = generate(
+            &workload(Some(LongQuestions {
+                share: 0.25,
+                bytes: 900,
+            })),
+            2000,
+            "m",
+            4,
+        );
+        let n_long = t.iter().filter(|r| question_len(r) == 900).count();
+        assert!((430..570).contains(&n_long), "{n_long} long of 2000");
+        assert!(t.iter().all(|r| [20, 900].contains(&question_len(r))));
+        // A share of 0 is the plain trace, byte for byte.
+        let none = workload(Some(LongQuestions {
+            share: 0.0,
+            bytes: 900,
+        }));
+        assert_eq!(
+            generate(&workload(None), 50, "m", 4),
+            generate(&none, 50, "m", 4)
+        );
     }
 
     #[test]

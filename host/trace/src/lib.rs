@@ -27,7 +27,7 @@ use std::io::{BufRead, Write};
 
 use serde::{Deserialize, Serialize};
 
-pub use generate::{Arrivals, Workload, generate, generate_with};
+pub use generate::{Arrivals, LongQuestions, Workload, generate, generate_with};
 
 /// One request of a trace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use kvmesh_host_trace::{Arrivals, TraceRequest, Workload, generate_with};
+use kvmesh_host_trace::{Arrivals, LongQuestions, TraceRequest, Workload, generate_with};
 use kvmesh_tests_harness::load::{Outcome, send};
 use kvmesh_tests_harness::stack::{Stack, StackConfig};
 use serde_json::Value;
@@ -69,6 +69,13 @@ struct Cli {
     /// Bytes of the unique part (question).
     #[arg(long, default_value_t = 200)]
     unique_bytes: usize,
+    /// Shared-system workload: fraction of the requests whose question is
+    /// long (a pasted document), so most of their prompt is their own.
+    #[arg(long, default_value_t = 0.0)]
+    long_question_share: f64,
+    /// Bytes of each long question.
+    #[arg(long, default_value_t = 8000)]
+    long_question_bytes: usize,
     /// Popularity of tenants and documents: group k with weight 1/(k+1)^skew
     /// (1: Zipf; 0: uniform, the shape of SGLang's generated-shared-prefix benchmark).
     #[arg(long, default_value_t = 1.0)]
@@ -115,6 +122,10 @@ fn workload(cli: &Cli) -> Workload {
             skew: cli.skew,
             system_bytes: cli.shared_bytes,
             question_bytes: cli.unique_bytes,
+            long_questions: Some(LongQuestions {
+                share: cli.long_question_share,
+                bytes: cli.long_question_bytes,
+            }),
         },
         WorkloadKind::MultiTurn => Workload::MultiTurnChat {
             sessions: cli.groups,
