@@ -17,6 +17,9 @@ pub struct Outcome {
     pub headers: Option<Duration>,
     /// HTTP status (0: no response).
     pub status: u16,
+    /// The gateway's `x-kvmesh-decision` header (replica, reason), when the
+    /// response came through kvmesh.
+    pub decision: Option<String>,
     /// Whether it completed: 2xx and, when streaming, `data: [DONE]` seen.
     pub ok: bool,
     /// Why it failed, if it did.
@@ -87,6 +90,11 @@ pub async fn send(
     };
     o.headers = Some(start.elapsed());
     o.status = resp.status().as_u16();
+    o.decision = resp
+        .headers()
+        .get("x-kvmesh-decision")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     if !resp.status().is_success() {
         o.error = Some(resp.text().await.unwrap_or_default());
         o.e2e = t0.elapsed();

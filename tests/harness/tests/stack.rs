@@ -347,6 +347,27 @@ async fn control_plane_restart_and_strategy_swaps_under_load_fail_nothing() {
         outcomes.len(),
         failed.first()
     );
+    // Each response names the strategy that routed it: the bench's record of
+    // where every request went.
+    let strategy_of = |o: &Outcome| {
+        o.decision
+            .as_deref()
+            .and_then(|d| d.strip_prefix("strategy="))
+            .and_then(|d| d.split(';').next())
+            .map(str::to_owned)
+    };
+    let named: Vec<Option<String>> = outcomes.iter().map(strategy_of).collect();
+    assert!(
+        named.iter().all(|s| matches!(
+            s.as_deref(),
+            Some("prefix-aware" | "kv-aware" | "round-robin")
+        )),
+        "a response without a kvmesh decision: {named:?}"
+    );
+    assert!(
+        named.iter().any(|s| s.as_deref() == Some("round-robin")),
+        "no response routed by round-robin after the last swap: {named:?}"
+    );
     eprintln!("{TEST}: {} requests, none failed", outcomes.len());
 }
 
