@@ -1,7 +1,8 @@
 //! Prefix-aware: keeps requests that share a prompt prefix on the replica that
 //! served it before, learned from its own decisions, from the other worker
-//! VMs' placements and from the replicas' reported residency; no load state
-//! from the servers.
+//! VMs' placements and from the replicas' reported residency. Of the servers'
+//! load it reads only their queued prefill, and only for requests that are
+//! mostly their own (below).
 //!
 //! - Affinity: chunk hash -> replica, written for every chunk of every routed
 //!   request, in an [`AgingMap`] of bounded size (old entries age out).
@@ -31,8 +32,18 @@
 //!   home stays where it is cached, and the spill target warms up as its
 //!   second holder, so a hot prefix spreads as load grows instead of
 //!   pinning one replica or moving back and forth.
+//! - Bounded prefill, for requests with a known home whose own part (chunks
+//!   past the matched prefix) outweighs their cached part (a new prefix is
+//!   placed as above): no replica takes one while it reports more than
+//!   `load_factor` times the mean queued prefill tokens plus
+//!   `spill_tokens`. Such a request (a pasted document after a shared
+//!   system prompt) moves more prefill than its move costs in recompute, so
+//!   it is the one that evens out the replicas when a few tenants' heavy
+//!   requests pile onto one home; a request that is mostly cached stays
+//!   home whatever that home has queued. It spills as above, home kept.
 //!
-//! In-flight counts are this policy instance's own (one Envoy worker VM).
+//! In-flight counts are this policy instance's own (one Envoy worker VM);
+//! queued prefill is what the replicas last reported (every 100 ms or so).
 
 use std::collections::VecDeque;
 
@@ -71,6 +82,10 @@ pub struct PrefixAwareConfig {
     /// In-flight requests a replica must have above the least loaded one
     /// before it spills (>= 1; 1 leaves the relative bound alone).
     pub spill_gap: u64,
+    /// Queued prefill tokens a replica may report above `load_factor` times
+    /// the mean before a request that is mostly its own spills off it
+    /// (0: no bound on prefill).
+    pub spill_tokens: u64,
     /// Fallbacks listed after the primary.
     pub max_fallbacks: usize,
     /// Where a prefix held nowhere goes.
@@ -83,6 +98,7 @@ impl Default for PrefixAwareConfig {
             capacity: 200_000,
             load_factor: 1.25,
             spill_gap: 4,
+            spill_tokens: 1024,
             max_fallbacks: 2,
             placement: Placement::default(),
         }
@@ -160,6 +176,21 @@ impl PrefixAware {
         let n = snapshot.len() as f64;
         let relative = (self.config.load_factor * (total as f64 + 1.0) / n).ceil() as u64;
         relative.max(least.saturating_add(self.config.spill_gap))
+    }
+
+    /// The queued prefill tokens above which a replica of `snapshot` takes no
+    /// request that is mostly its own: `load_factor * mean + spill_tokens`,
+    /// from the replicas' reports; `None` when `spill_tokens` is 0.
+    pub fn prefill_bound(&self, snapshot: &Snapshot) -> Option<u64> {
+        if self.config.spill_tokens == 0 || snapshot.is_empty() {
+            return None;
+        }
+        let total: u64 = snapshot
+            .replicas()
+            .map(|(_, rep)| rep.load.queued_prefill_tokens)
+            .sum();
+        let mean = total as f64 / snapshot.len() as f64;
+        Some((self.config.load_factor * mean).ceil() as u64 + self.config.spill_tokens)
     }
 
     /// Affinity entries held.
@@ -275,6 +306,7 @@ impl Policy for PrefixAware {
             return Choice::none();
         }
         let bound = self.load_bound(snapshot);
+        let prefill_bound = self.prefill_bound(snapshot);
         // No identity: least in flight; the key only orders the fallbacks.
         let key = request.chunks.first().copied().unwrap_or(0);
         // Rendezvous order for this prefix: the spill and fallback order.
@@ -283,8 +315,6 @@ impl Policy for PrefixAware {
             .map(|(r, rep)| (rendezvous(key, rep.key), r))
             .collect();
         order.sort_unstable_by_key(|&(score, _)| std::cmp::Reverse(score));
-        let under_bound = |r: ReplicaRef| self.in_flight.get(r) < bound;
-
         let (preferred, matched, reason) = if request.chunks.is_empty() {
             let least = order
                 .iter()
@@ -306,15 +336,33 @@ impl Policy for PrefixAware {
         let Some(preferred) = preferred else {
             return Choice::none();
         };
+        // The prefill bound holds for a request with a known home whose own
+        // part outweighs what that home has cached (not for a new prefix:
+        // its placement already picks the emptiest replica, and is shared).
+        let total = request.chunks.len() as u32;
+        let mostly_own = matched > 0 && total.saturating_sub(matched) > matched;
+        let under_bound = |r: ReplicaRef| {
+            let over_prefill = mostly_own
+                && prefill_bound.is_some_and(|b| {
+                    snapshot
+                        .get(r)
+                        .is_some_and(|rep| rep.load.queued_prefill_tokens > b)
+                });
+            self.in_flight.get(r) < bound && !over_prefill
+        };
         let (primary, matched, reason) = if under_bound(preferred) {
             (preferred, matched, reason)
         } else {
-            // Some replica is always under the bound: the bound is at least
-            // the mean of the in-flight counts plus one request.
-            let spill = order
-                .iter()
-                .map(|&(_, r)| r)
-                .find(|&r| r != preferred && under_bound(r))
+            // Some replica is always under the in-flight bound (at least the
+            // mean plus one request), but none may be under the prefill
+            // bound as well: then the request stays under the in-flight one.
+            let in_flight_ok = |r: ReplicaRef| self.in_flight.get(r) < bound;
+            let others = || order.iter().map(|&(_, r)| r).filter(|&r| r != preferred);
+            let spill = others()
+                .find(|&r| under_bound(r))
+                .or_else(|| {
+                    (!in_flight_ok(preferred)).then(|| others().find(|&r| in_flight_ok(r)))?
+                })
                 .unwrap_or(preferred);
             let m = if spill == preferred { matched } else { 0 };
             (

@@ -194,6 +194,59 @@ fn prefix_aware_spill_keeps_the_prefix_home_and_a_steady_second_holder() {
     assert_eq!((c.primary, c.matched_chunks), (Some(second), 5));
 }
 
+#[test]
+fn prefix_aware_spills_only_requests_mostly_their_own_off_a_home_with_queued_prefill() {
+    let mut s = pool(4);
+    let mut p = PrefixAware::default();
+    // A tenant's system prompt (4 chunks) and a short question: its home.
+    let home = route(&mut p, &s, &chain(7, 4, 0, 5)).primary.unwrap();
+    p.observe(&s, &Event::Finished { replica: home });
+    let slot = |s: &Snapshot, r: ReplicaRef| s.get(r).unwrap().id[1..].parse::<usize>().unwrap();
+    let i = slot(&s, home);
+    let long = chain(7, 4, 1, 16); // 4 cached, 12 of its own
+    let short = chain(7, 4, 2, 6); // 4 cached, 2 of its own
+
+    // The home reports a long prefill queued, far over the mean (1250) plus
+    // 1024; the others are idle.
+    s.upsert(&replica(i, 5000));
+    let c = route(&mut p, &s, &long);
+    assert_eq!(c.reason, Reason::Spilled);
+    assert_ne!(c.primary, Some(home));
+    assert_eq!(c.matched_chunks, 0);
+    // A request mostly cached stays home whatever is queued there.
+    let c = route(&mut p, &s, &short);
+    assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
+
+    // Within the bound (1.25 * mean + 1024) the long one stays home: 1800
+    // queued against a bound of 1.25 * 450 + 1024 = 1587 spills, 1500
+    // against 1493 spills, 1400 against 1462 does not.
+    // (Each a new question: a repeat would follow its own chunks.)
+    for (k, (queued, spills)) in [(1800, true), (1500, true), (1400, false)]
+        .into_iter()
+        .enumerate()
+    {
+        s.upsert(&replica(i, queued));
+        let c = route(&mut p, &s, &chain(7, 4, 10 + k as u64, 16));
+        assert_eq!(c.primary != Some(home), spills, "queued {queued}: {c:?}");
+    }
+    // The spills did not move the prefix's home.
+    s.upsert(&replica(i, 0));
+    let c = route(&mut p, &s, &chain(7, 4, 3, 6));
+    assert_eq!((c.primary, c.matched_chunks), (Some(home), 4));
+
+    // `spill_tokens: 0` turns the prefill bound off.
+    let mut off = PrefixAware::new(PrefixAwareConfig {
+        spill_tokens: 0,
+        ..PrefixAwareConfig::default()
+    })
+    .unwrap();
+    s.upsert(&replica(i, 0));
+    let home = route(&mut off, &s, &chain(7, 4, 0, 5)).primary.unwrap();
+    let j = slot(&s, home);
+    s.upsert(&replica(j, 50_000));
+    assert_eq!(route(&mut off, &s, &long).primary, Some(home));
+}
+
 /// Every placement rule.
 const PLACEMENTS: [Placement; 3] = [
     Placement::Least,
