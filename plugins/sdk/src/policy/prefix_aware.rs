@@ -341,6 +341,7 @@ impl Policy for PrefixAware {
         // its placement already picks the emptiest replica, and is shared).
         let total = request.chunks.len() as u32;
         let mostly_own = matched > 0 && total.saturating_sub(matched) > matched;
+        let in_flight_ok = |r: ReplicaRef| self.in_flight.get(r) < bound;
         let under_bound = |r: ReplicaRef| {
             let over_prefill = mostly_own
                 && prefill_bound.is_some_and(|b| {
@@ -348,7 +349,7 @@ impl Policy for PrefixAware {
                         .get(r)
                         .is_some_and(|rep| rep.load.queued_prefill_tokens > b)
                 });
-            self.in_flight.get(r) < bound && !over_prefill
+            in_flight_ok(r) && !over_prefill
         };
         let (primary, matched, reason) = if under_bound(preferred) {
             (preferred, matched, reason)
@@ -356,7 +357,6 @@ impl Policy for PrefixAware {
             // Some replica is always under the in-flight bound (at least the
             // mean plus one request), but none may be under the prefill
             // bound as well: then the request stays under the in-flight one.
-            let in_flight_ok = |r: ReplicaRef| self.in_flight.get(r) < bound;
             let others = || order.iter().map(|&(_, r)| r).filter(|&r| r != preferred);
             let spill = others()
                 .find(|&r| under_bound(r))
