@@ -1,4 +1,5 @@
-//! Hot paths of the contract crate: prompt parsing, chunk hashing, `select`.
+//! Hot paths of the contract crate: prompt parsing, chunk hashing, `select`,
+//! placing a new prefix.
 //!
 //! `cargo bench -p kvmesh-plugins-sdk --bench sdk`
 
@@ -6,7 +7,9 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kvmesh_plugins_sdk::chunk::chunk_hashes;
-use kvmesh_plugins_sdk::policy::{Event, KvAware, Policy, PrefixAware, Request, RoundRobin};
+use kvmesh_plugins_sdk::policy::{
+    Event, KvAware, Placement, Policy, PrefixAware, PrefixAwareConfig, Request, RoundRobin,
+};
 use kvmesh_plugins_sdk::prompt::{Api, parse};
 use kvmesh_plugins_sdk::proto::{self, Tier};
 use kvmesh_plugins_sdk::snapshot::Snapshot;
@@ -111,6 +114,52 @@ fn select(c: &mut Criterion) {
     g.finish();
 }
 
+/// Placing a new prefix: prefix-aware's `Least` counts the prefixes each
+/// replica holds (1,024 remembered, most of them resident) and its chunks;
+/// `Rendezvous` counts nothing, the baseline.
+fn place(c: &mut Criterion) {
+    let mut g = c.benchmark_group("place");
+    for n in [8usize, 64] {
+        let s = pool(n);
+        let fresh: Vec<u64> = (0..32).map(|k| (1u64 << 40) | k).collect();
+        let req = Request {
+            chunks: &fresh,
+            prompt_bytes: 32 * 256,
+        };
+        for placement in [Placement::Least, Placement::Rendezvous] {
+            let mut p = PrefixAware::new(PrefixAwareConfig {
+                placement,
+                ..PrefixAwareConfig::default()
+            })
+            .expect("valid config");
+            // 1,024 prefixes routed, those under n * 32 resident somewhere.
+            for prefix in 0..1024u64 {
+                let chunks: Vec<u64> = (0..16).map(|k| prefix << 8 | k).collect();
+                let r = Request {
+                    chunks: &chunks,
+                    prompt_bytes: 16 * 256,
+                };
+                let choice = p.select(&s, &r);
+                p.observe(
+                    &s,
+                    &Event::Routed {
+                        request: &r,
+                        choice: &choice,
+                    },
+                );
+                if let Some(replica) = choice.primary {
+                    p.observe(&s, &Event::Finished { replica });
+                }
+            }
+            let name = format!("{placement:?}").to_lowercase();
+            g.bench_with_input(BenchmarkId::new(name, n), &s, |b, s| {
+                b.iter(|| p.select(black_box(s), black_box(&req)));
+            });
+        }
+    }
+    g.finish();
+}
+
 /// Rebuilding a filter's view from a snapshot message (what a worker does
 /// when it falls behind the delta ring): 64 replicas x 10,000 chunks.
 fn reload(c: &mut Criterion) {
@@ -139,5 +188,5 @@ fn reload(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, select, reload);
+criterion_group!(benches, hashing, select, place, reload);
 criterion_main!(benches);

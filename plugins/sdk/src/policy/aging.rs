@@ -36,6 +36,16 @@ impl<V: Copy> AgingMap<V> {
         self.young.insert(key, value);
     }
 
+    /// Every key held, each once (young first).
+    pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.young.keys().copied().chain(
+            self.old
+                .keys()
+                .copied()
+                .filter(|k| !self.young.contains_key(k)),
+        )
+    }
+
     /// Entries held (both generations; a key in both counts twice).
     pub fn len(&self) -> usize {
         self.young.len() + self.old.len()
@@ -64,6 +74,14 @@ mod tests {
                 prop_assert!(m.len() <= capacity.max(2));
                 prop_assert_eq!(m.get(k), Some(i));
             }
+            // Every key once, the last written among them.
+            let mut held: Vec<u64> = m.keys().collect();
+            let n = held.len();
+            held.sort_unstable();
+            held.dedup();
+            prop_assert_eq!(held.len(), n, "a key listed twice");
+            prop_assert!(held.iter().all(|&k| m.get(k).is_some()));
+            prop_assert!(held.contains(keys.last().unwrap()));
         }
     }
 }

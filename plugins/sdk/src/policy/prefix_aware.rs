@@ -11,10 +11,16 @@
 //!   its prefix (any tier): how a worker VM finds where the caches are after
 //!   a swap or a restart of Envoy, or where another Envoy placed a prefix.
 //! - Held nowhere: a new prefix, placed by [`Placement`]. By default
-//!   ([`Placement::Least`]) on the replica holding the fewest chunks: those it
-//!   reports resident, plus those of prefixes placed on it that it does not
-//!   report yet (a prefill takes seconds before its first blocks seal and
-//!   show). The worker VMs of one Envoy share their placements through the
+//!   ([`Placement::Least`]) on the replica holding the fewest prefixes: of
+//!   the prefixes recently requested (first chunks, at most 1,024 of them;
+//!   every one of the last 512 routed or shared requests), those it reports
+//!   in any tier, plus those placed on it that it does not report yet (a
+//!   prefill takes seconds before its first blocks seal and show); ties go
+//!   to the fewest chunks (counted the same way), then the rendezvous order.
+//!   Prefixes, not chunks: each one brings its requests, and a tenant whose
+//!   first request carried a long document of its own is still one tenant
+//!   (counted by chunks it weighed as three or four and its replica got too
+//!   few). The worker VMs of one Envoy share their placements through the
 //!   placement board ([`Event::Shared`], [`crate::board`]), so they count the
 //!   same placements and agree: sixteen equal prefixes on four replicas go
 //!   four to each. [`Placement::TwoChoices`] takes the emptier of the first
@@ -40,7 +46,11 @@
 //!   system prompt) moves more prefill than its move costs in recompute, so
 //!   it is the one that evens out the replicas when a few tenants' heavy
 //!   requests pile onto one home; a request that is mostly cached stays
-//!   home whatever that home has queued. It spills as above, home kept.
+//!   home whatever that home has queued. It spills, home kept, to the
+//!   replica reporting the least queued prefill under both bounds (the
+//!   rendezvous order breaks ties): the request is mostly its own, so no
+//!   second holder is worth warming, and the emptiest queue is what evens
+//!   the replicas out.
 //!
 //! In-flight counts are this policy instance's own (one Envoy worker VM);
 //! queued prefill is what the replicas last reported (every 100 ms or so).
@@ -58,13 +68,13 @@ use crate::snapshot::{ReplicaRef, Snapshot};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Placement {
-    /// The replica holding the fewest chunks, resident or placed and not yet
-    /// reported (ties: the prefix's rendezvous order).
+    /// The replica holding the fewest recently requested prefixes, resident
+    /// or placed and not yet reported (ties: fewest chunks counted the same
+    /// way, then the prefix's rendezvous order).
     #[default]
     Least,
     /// Of the first two replicas in the prefix's rendezvous order, the one
-    /// holding fewer chunks, counted as for [`Placement::Least`] (ties: the
-    /// first).
+    /// holding fewer, counted as for [`Placement::Least`] (ties: the first).
     TwoChoices,
     /// The first replica in the prefix's rendezvous order: spread only as
     /// evenly as the hash happens to.
@@ -116,6 +126,10 @@ struct Pending {
 /// Placements remembered until their replica reports them.
 const PENDING: usize = 32;
 
+/// Prefixes (first chunks) remembered for placement: those of the last
+/// `ROOTS / 2` requests routed or shared at least.
+const ROOTS: usize = 1024;
+
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct PrefixAware {
@@ -125,6 +139,9 @@ pub struct PrefixAware {
     /// Recent placements (this VM's and, from the board, the others'),
     /// dropped once their replica reports their first chunk.
     pending: VecDeque<Pending>,
+    /// First chunks of recently routed and shared requests: the prefixes
+    /// placement counts.
+    roots: AgingMap<()>,
 }
 
 impl PrefixAware {
@@ -153,6 +170,7 @@ impl PrefixAware {
             config,
             in_flight: SlotCounters::default(),
             pending: VecDeque::new(),
+            roots: AgingMap::new(ROOTS),
         })
     }
 
@@ -238,6 +256,38 @@ impl PrefixAware {
         snapshot.resident_chunks(r) + pending
     }
 
+    /// Recently requested prefixes each replica slot holds or is about to:
+    /// those it reports (any tier), plus placements on it whose first chunk
+    /// it does not report.
+    fn held_prefixes(&self, snapshot: &Snapshot) -> Vec<u64> {
+        let mut per = vec![0u64; snapshot.slot_count()];
+        let mut count = |slot: usize| {
+            if let Some(n) = per.get_mut(slot) {
+                *n += 1;
+            }
+        };
+        for root in self.roots.keys() {
+            for h in snapshot.holders(root) {
+                count(h.slot as usize);
+            }
+        }
+        for p in self.pending.iter().filter(|p| !Self::reports(snapshot, p)) {
+            count(p.replica.slot());
+        }
+        per
+    }
+
+    /// Recently requested prefixes replica `r` holds or is about to (see
+    /// [`Placement::Least`]).
+    pub fn placed_prefixes(&self, snapshot: &Snapshot, r: ReplicaRef) -> u64 {
+        snapshot.get(r).map_or(0, |_| {
+            self.held_prefixes(snapshot)
+                .get(r.slot())
+                .copied()
+                .unwrap_or(0)
+        })
+    }
+
     fn reports(snapshot: &Snapshot, p: &Pending) -> bool {
         snapshot
             .holders(p.first_chunk)
@@ -268,9 +318,19 @@ impl PrefixAware {
         order: &[(u64, ReplicaRef)],
     ) -> (Option<ReplicaRef>, Reason) {
         let replicas = order.iter().map(|&(_, r)| r);
+        let prefixes = if self.config.placement == Placement::Rendezvous {
+            Vec::new()
+        } else {
+            self.held_prefixes(snapshot)
+        };
         // `min_by_key` keeps the first of equal minima.
         let least = |candidates: &mut dyn Iterator<Item = ReplicaRef>| {
-            candidates.min_by_key(|&r| self.placed_chunks(snapshot, r))
+            candidates.min_by_key(|&r| {
+                (
+                    prefixes.get(r.slot()).copied().unwrap_or(0),
+                    self.placed_chunks(snapshot, r),
+                )
+            })
         };
         match self.config.placement {
             Placement::Rendezvous => (replicas.take(1).next(), Reason::Hash),
@@ -288,6 +348,7 @@ impl Default for PrefixAware {
             config: PrefixAwareConfig::default(),
             in_flight: SlotCounters::default(),
             pending: VecDeque::new(),
+            roots: AgingMap::new(ROOTS),
         }
     }
 }
@@ -357,9 +418,19 @@ impl Policy for PrefixAware {
             // Some replica is always under the in-flight bound (at least the
             // mean plus one request), but none may be under the prefill
             // bound as well: then the request stays under the in-flight one.
+            // A request mostly its own goes to the least queued prefill;
+            // any other to the first in rendezvous order, its steady second
+            // holder.
+            let queued = |r: ReplicaRef| {
+                snapshot
+                    .get(r)
+                    .filter(|_| mostly_own)
+                    .map_or(0, |rep| rep.load.queued_prefill_tokens)
+            };
             let others = || order.iter().map(|&(_, r)| r).filter(|&r| r != preferred);
             let spill = others()
-                .find(|&r| under_bound(r))
+                .filter(|&r| under_bound(r))
+                .min_by_key(|&r| queued(r))
                 .or_else(|| {
                     (!in_flight_ok(preferred)).then(|| others().find(|&r| in_flight_ok(r)))?
                 })
@@ -404,6 +475,9 @@ impl Policy for PrefixAware {
                     return;
                 }
                 self.in_flight.add(r, 1);
+                if let Some(&root) = request.chunks.first() {
+                    self.roots.insert(root, ());
+                }
                 if choice.reason.is_placement() {
                     self.note_placed(request.chunks, request.chunks.len() as u64, r);
                 }
@@ -434,6 +508,9 @@ impl Policy for PrefixAware {
                     return;
                 }
                 self.note_placed(chunks, u64::from(total_chunks), replica);
+                if let Some(&root) = chunks.first() {
+                    self.roots.insert(root, ());
+                }
                 for &c in chunks {
                     self.affinity.insert(c, replica);
                 }

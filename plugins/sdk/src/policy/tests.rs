@@ -247,6 +247,62 @@ fn prefix_aware_spills_only_requests_mostly_their_own_off_a_home_with_queued_pre
     assert_eq!(route(&mut off, &s, &long).primary, Some(home));
 }
 
+#[test]
+fn prefix_aware_spills_a_request_mostly_its_own_to_the_least_queued_prefill() {
+    let mut s = pool(4);
+    let mut p = PrefixAware::default();
+    let first = route(&mut p, &s, &chain(7, 4, 0, 5));
+    let home = first.primary.unwrap();
+    p.observe(&s, &Event::Finished { replica: home });
+    let slot = |r: ReplicaRef| s.get(r).unwrap().id[1..].parse::<usize>().unwrap();
+    // The rendezvous order's first two others are busy (under the bound of
+    // 1.25 * 1825 + 1024 = 3306 all the same), the last is idle.
+    let (next, then) = (first.fallbacks[0], first.fallbacks[1]);
+    let idle = s
+        .replicas()
+        .map(|(r, _)| r)
+        .find(|&r| ![home, next, then].contains(&r))
+        .unwrap();
+    let (h, n, t) = (slot(home), slot(next), slot(then));
+    s.upsert(&replica(h, 5000));
+    s.upsert(&replica(n, 1500));
+    s.upsert(&replica(t, 800));
+    let c = route(&mut p, &s, &chain(7, 4, 1, 16));
+    assert_eq!((c.primary, c.reason), (Some(idle), Reason::Spilled));
+    // A short one still stays home.
+    let c = route(&mut p, &s, &chain(7, 4, 2, 6));
+    assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
+}
+
+#[test]
+fn prefix_aware_least_counts_a_tenant_with_a_long_first_request_once() {
+    // 16 tenants on 4 replicas; the first one's first request carries a long
+    // text of its own (40 chunks after a 4-chunk system prompt). Counted by
+    // chunks its replica looked like eight tenants and got one; counted by
+    // prefixes every replica gets four, reported or not.
+    for report in [true, false] {
+        for salt in 0..20u64 {
+            let mut s = pool(4);
+            let mut p = PrefixAware::default();
+            let mut per: HashMap<ReplicaRef, usize> = HashMap::new();
+            for t in 0..16u64 {
+                let tenant = salt * 1000 + t;
+                let ch = chain(tenant, 4, tenant, if t == 0 { 44 } else { 5 });
+                let c = route(&mut p, &s, &ch);
+                assert_eq!(c.reason, Reason::Placed);
+                let r = c.primary.unwrap();
+                p.observe(&s, &Event::Finished { replica: r });
+                if report {
+                    s.add_resident(&id(&s, Some(r)), Tier::Device as i32, &ch);
+                }
+                *per.entry(r).or_default() += 1;
+            }
+            let counts: Vec<usize> = per.into_values().collect();
+            assert_eq!(counts, vec![4; 4], "salt {salt} report {report}");
+        }
+    }
+}
+
 /// Every placement rule.
 const PLACEMENTS: [Placement; 3] = [
     Placement::Least,
