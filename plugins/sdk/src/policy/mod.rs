@@ -68,7 +68,8 @@ pub enum Reason {
     /// A prefix no replica holds, placed on the emptiest replica
     /// ([`Placement::Least`]) or the emptier of two ([`Placement::TwoChoices`]).
     Placed,
-    /// The learned or hashed replica was over the load bound.
+    /// The learned or hashed replica was over a load bound, or (a request
+    /// mostly its own) had recently been sent more own prefill.
     Spilled,
     /// Best score of resident prefix against queued prefill.
     Resident,

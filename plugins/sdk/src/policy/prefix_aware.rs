@@ -51,6 +51,19 @@
 //!   rendezvous order breaks ties): the request is mostly its own, so no
 //!   second holder is worth warming, and the emptiest queue is what evens
 //!   the replicas out.
+//! - Balanced own prefill, for the same requests: the policy remembers the
+//!   own chunks (past the matched prefix) it sent to each replica over about
+//!   the last `balance_window` routed requests (decaying by
+//!   `1 - 1 / balance_window` per request). A request mostly its own leaves a
+//!   home under both bounds for the replica with the least of it (under both
+//!   bounds too) when the home's figure is above that replica's by more than
+//!   twice the chunks the move recomputes; home kept, as for a spill. The
+//!   queued-prefill bound sees only prefills that overlap; this one sees a
+//!   home that keeps getting its tenants' long requests one after another
+//!   (which tenants send them is chance: in the bench's trace six of
+//!   thirteen came to one replica's four tenants and none to another's).
+//!   Twice: a move adds its recompute to the pool's work, so it must shed
+//!   clearly more than that from the home.
 //!
 //! In-flight counts are this policy instance's own (one Envoy worker VM);
 //! queued prefill is what the replicas last reported (every 100 ms or so).
@@ -96,6 +109,10 @@ pub struct PrefixAwareConfig {
     /// the mean before a request that is mostly its own spills off it
     /// (0: no bound on prefill).
     pub spill_tokens: u64,
+    /// Routed requests over which the own prefill sent to each replica is
+    /// remembered, for balancing requests that are mostly their own (0:
+    /// no such balance).
+    pub balance_window: u32,
     /// Fallbacks listed after the primary.
     pub max_fallbacks: usize,
     /// Where a prefix held nowhere goes.
@@ -109,6 +126,7 @@ impl Default for PrefixAwareConfig {
             load_factor: 1.25,
             spill_gap: 4,
             spill_tokens: 1024,
+            balance_window: 64,
             max_fallbacks: 2,
             placement: Placement::default(),
         }
@@ -142,6 +160,41 @@ pub struct PrefixAware {
     /// First chunks of recently routed and shared requests: the prefixes
     /// placement counts.
     roots: AgingMap<()>,
+    /// Own chunks recently sent to each replica (see the module docs).
+    recent: RecentPrefill,
+}
+
+/// Own chunks (past the matched prefix) routed to each replica, decaying per
+/// routed request.
+#[derive(Debug, Clone, Default)]
+struct RecentPrefill {
+    values: Vec<(ReplicaRef, f64)>,
+}
+
+impl RecentPrefill {
+    fn get(&self, r: ReplicaRef) -> f64 {
+        match self.values.get(r.slot()) {
+            Some(&(owner, v)) if owner == r => v,
+            _ => 0.0,
+        }
+    }
+
+    /// Decays every replica's figure by `keep`, then adds `chunks` to `r`'s.
+    fn route(&mut self, r: ReplicaRef, chunks: f64, keep: f64) {
+        for v in &mut self.values {
+            v.1 *= keep;
+        }
+        let slot = r.slot();
+        if self.values.len() <= slot {
+            self.values.resize(slot + 1, (r, 0.0));
+        }
+        let entry = &mut self.values[slot];
+        if entry.0 != r {
+            // A new replica in a reused slot starts from nothing.
+            *entry = (r, 0.0);
+        }
+        entry.1 += chunks;
+    }
 }
 
 impl PrefixAware {
@@ -171,6 +224,7 @@ impl PrefixAware {
             in_flight: SlotCounters::default(),
             pending: VecDeque::new(),
             roots: AgingMap::new(ROOTS),
+            recent: RecentPrefill::default(),
         })
     }
 
@@ -209,6 +263,35 @@ impl PrefixAware {
             .sum();
         let mean = total as f64 / snapshot.len() as f64;
         Some((self.config.load_factor * mean).ceil() as u64 + self.config.spill_tokens)
+    }
+
+    /// Own chunks (past the matched prefix) recently sent to `replica`, as
+    /// balancing requests mostly their own counts them.
+    pub fn recent_prefill(&self, replica: ReplicaRef) -> f64 {
+        self.recent.get(replica)
+    }
+
+    /// For a request mostly its own at `home` (`matched` chunks cached
+    /// there): the replica `ok` takes with the least own prefill recently
+    /// sent, when the home's is above it by more than twice `matched`.
+    fn lighter(
+        &self,
+        home: ReplicaRef,
+        matched: u32,
+        order: &[(u64, ReplicaRef)],
+        ok: &dyn Fn(ReplicaRef) -> bool,
+    ) -> Option<ReplicaRef> {
+        if self.config.balance_window == 0 {
+            return None;
+        }
+        // `min_by` keeps the first of equal minima: the rendezvous order.
+        let (r, load) = order
+            .iter()
+            .map(|&(_, r)| r)
+            .filter(|&r| r != home && ok(r))
+            .map(|r| (r, self.recent.get(r)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))?;
+        (self.recent.get(home) - load > 2.0 * f64::from(matched)).then_some(r)
     }
 
     /// Affinity entries held.
@@ -349,6 +432,7 @@ impl Default for PrefixAware {
             in_flight: SlotCounters::default(),
             pending: VecDeque::new(),
             roots: AgingMap::new(ROOTS),
+            recent: RecentPrefill::default(),
         }
     }
 }
@@ -413,7 +497,13 @@ impl Policy for PrefixAware {
             in_flight_ok(r) && !over_prefill
         };
         let (primary, matched, reason) = if under_bound(preferred) {
-            (preferred, matched, reason)
+            match mostly_own
+                .then(|| self.lighter(preferred, matched, &order, &under_bound))
+                .flatten()
+            {
+                Some(lighter) => (lighter, 0, Reason::Spilled),
+                None => (preferred, matched, reason),
+            }
         } else {
             // Some replica is always under the in-flight bound (at least the
             // mean plus one request), but none may be under the prefill
@@ -475,6 +565,12 @@ impl Policy for PrefixAware {
                     return;
                 }
                 self.in_flight.add(r, 1);
+                if self.config.balance_window > 0 {
+                    let own = request.chunks.len() as u32
+                        - choice.matched_chunks.min(request.chunks.len() as u32);
+                    let keep = 1.0 - 1.0 / f64::from(self.config.balance_window);
+                    self.recent.route(r, f64::from(own), keep);
+                }
                 if let Some(&root) = request.chunks.first() {
                     self.roots.insert(root, ());
                 }

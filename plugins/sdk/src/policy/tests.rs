@@ -275,6 +275,79 @@ fn prefix_aware_spills_a_request_mostly_its_own_to_the_least_queued_prefill() {
 }
 
 #[test]
+fn prefix_aware_moves_a_request_mostly_its_own_off_a_home_that_recently_got_more_own_prefill() {
+    // Four tenants, one per replica, placed; then tenant 0 sends long
+    // requests (4 chunks of system prompt, 36 of its own) one after another,
+    // each finished before the next: no queue is ever reported, no in-flight
+    // bound is reached.
+    let s = pool(4);
+    let mut p = PrefixAware::default();
+    let homes: Vec<ReplicaRef> = (0..4u64)
+        .map(|t| {
+            let r = route(&mut p, &s, &chain(t, 4, t, 5)).primary.unwrap();
+            p.observe(&s, &Event::Finished { replica: r });
+            r
+        })
+        .collect();
+    let mut served = Vec::new();
+    for q in 0..6u64 {
+        let c = route(&mut p, &s, &chain(0, 4, 100 + q, 40));
+        let r = c.primary.unwrap();
+        p.observe(&s, &Event::Finished { replica: r });
+        if r == homes[0] {
+            assert_eq!((c.reason, c.matched_chunks), (Reason::Affinity, 4));
+        } else {
+            assert_eq!((c.reason, c.matched_chunks), (Reason::Spilled, 0));
+        }
+        served.push(r);
+        if q == 0 {
+            // The home is now 36 own chunks ahead of the others; a request
+            // mostly cached stays there all the same.
+            let ahead = p.recent_prefill(homes[0]) - p.recent_prefill(homes[1]);
+            assert!(ahead > 30.0, "{ahead}");
+            let c = route(&mut p, &s, &chain(0, 4, 50, 6));
+            p.observe(&s, &Event::Finished { replica: homes[0] });
+            assert_eq!((c.primary, c.reason), (Some(homes[0]), Reason::Affinity));
+        }
+    }
+    // The first stays home (every replica got one tenant's 5 chunks); the
+    // next moves (home 36 own chunks ahead, more than twice the 4 it
+    // recomputes), and the six spread over the four replicas.
+    assert_eq!(served[0], homes[0]);
+    assert_ne!(served[1], homes[0]);
+    let mut per: HashMap<ReplicaRef, usize> = HashMap::new();
+    for &r in &served {
+        *per.entry(r).or_default() += 1;
+    }
+    assert_eq!(per.len(), 4, "{per:?}");
+    assert!(per.values().all(|&n| n <= 2), "{per:?}");
+    // The home stayed: a short request of the tenant is still cached there.
+    let c = route(&mut p, &s, &chain(0, 4, 200, 6));
+    assert_eq!(
+        (c.primary, c.reason, c.matched_chunks),
+        (Some(homes[0]), Reason::Affinity, 4)
+    );
+    // `balance_window: 0` turns it off.
+    let mut off = PrefixAware::new(PrefixAwareConfig {
+        balance_window: 0,
+        ..PrefixAwareConfig::default()
+    })
+    .unwrap();
+    let home = route(&mut off, &s, &chain(0, 4, 0, 5)).primary.unwrap();
+    off.observe(&s, &Event::Finished { replica: home });
+    for q in 0..6u64 {
+        let c = route(&mut off, &s, &chain(0, 4, 100 + q, 40));
+        off.observe(
+            &s,
+            &Event::Finished {
+                replica: c.primary.unwrap(),
+            },
+        );
+        assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
+    }
+}
+
+#[test]
 fn prefix_aware_least_counts_a_tenant_with_a_long_first_request_once() {
     // 16 tenants on 4 replicas; the first one's first request carries a long
     // text of its own (40 chunks after a 4-chunk system prompt). Counted by
