@@ -56,7 +56,8 @@
 //!   the last `balance_window` routed requests (decaying by
 //!   `1 - 1 / balance_window` per request). A request mostly its own leaves a
 //!   home under both bounds for the replica with the least of it (under both
-//!   bounds too) when the home's figure is above that replica's by more than
+//!   bounds too, and reporting no more than the mean queued prefill: a move
+//!   onto a prefill under way would queue behind it) when the home's figure is above that replica's by more than
 //!   twice the chunks the move recomputes; home kept, as for a spill. The
 //!   queued-prefill bound sees only prefills that overlap; this one sees a
 //!   home that keeps getting its tenants' long requests one after another
@@ -272,10 +273,12 @@ impl PrefixAware {
     }
 
     /// For a request mostly its own at `home` (`matched` chunks cached
-    /// there): the replica `ok` takes with the least own prefill recently
-    /// sent, when the home's is above it by more than twice `matched`.
+    /// there): of the replicas `ok` takes that report no more queued prefill
+    /// than the mean, the one with the least own prefill recently sent, when
+    /// the home's is above it by more than twice `matched`.
     fn lighter(
         &self,
+        snapshot: &Snapshot,
         home: ReplicaRef,
         matched: u32,
         order: &[(u64, ReplicaRef)],
@@ -284,11 +287,18 @@ impl PrefixAware {
         if self.config.balance_window == 0 {
             return None;
         }
+        let queued = |r: ReplicaRef| {
+            snapshot
+                .get(r)
+                .map_or(0, |rep| rep.load.queued_prefill_tokens)
+        };
+        let total: u64 = snapshot.replicas().map(|(r, _)| queued(r)).sum();
+        let mean = total as f64 / snapshot.len().max(1) as f64;
         // `min_by` keeps the first of equal minima: the rendezvous order.
         let (r, load) = order
             .iter()
             .map(|&(_, r)| r)
-            .filter(|&r| r != home && ok(r))
+            .filter(|&r| r != home && ok(r) && queued(r) as f64 <= mean)
             .map(|r| (r, self.recent.get(r)))
             .min_by(|a, b| a.1.total_cmp(&b.1))?;
         (self.recent.get(home) - load > 2.0 * f64::from(matched)).then_some(r)
@@ -498,7 +508,7 @@ impl Policy for PrefixAware {
         };
         let (primary, matched, reason) = if under_bound(preferred) {
             match mostly_own
-                .then(|| self.lighter(preferred, matched, &order, &under_bound))
+                .then(|| self.lighter(snapshot, preferred, matched, &order, &under_bound))
                 .flatten()
             {
                 Some(lighter) => (lighter, 0, Reason::Spilled),

@@ -321,6 +321,33 @@ fn prefix_aware_moves_a_request_mostly_its_own_off_a_home_that_recently_got_more
     }
     assert_eq!(per.len(), 4, "{per:?}");
     assert!(per.values().all(|&n| n <= 2), "{per:?}");
+    // A replica reporting more queued prefill than the mean takes no move,
+    // however little own prefill it was sent: with one idle replica left
+    // (the others queue 3000 tokens, the mean 2250), the next move goes there.
+    let (h0, idle) = (homes[0], homes[3]);
+    let mut busy = s.clone();
+    for (i, (r, _)) in s.replicas().enumerate() {
+        if r != idle {
+            busy.upsert(&replica(i, 3000));
+        }
+    }
+    let moved = (0..6u64)
+        .map(|q| {
+            let c = route(&mut p, &busy, &chain(0, 4, 300 + q, 40));
+            p.observe(
+                &busy,
+                &Event::Finished {
+                    replica: c.primary.unwrap(),
+                },
+            );
+            c.primary.unwrap()
+        })
+        .filter(|&r| r != h0)
+        .collect::<Vec<_>>();
+    assert!(
+        !moved.is_empty() && moved.iter().all(|&r| r == idle),
+        "{moved:?}"
+    );
     // The home stayed: a short request of the tenant is still cached there.
     let c = route(&mut p, &s, &chain(0, 4, 200, 6));
     assert_eq!(
