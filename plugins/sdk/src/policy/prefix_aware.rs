@@ -57,14 +57,15 @@
 //!   `1 - 1 / balance_window` per request). A request mostly its own leaves a
 //!   home under both bounds for the replica with the least of it (under both
 //!   bounds too, and reporting no more than the mean queued prefill: a move
-//!   onto a prefill under way would queue behind it) when the home's figure is above that replica's by more than
-//!   twice the chunks the move recomputes; home kept, as for a spill. The
-//!   queued-prefill bound sees only prefills that overlap; this one sees a
-//!   home that keeps getting its tenants' long requests one after another
-//!   (which tenants send them is chance: in the bench's trace six of
-//!   thirteen came to one replica's four tenants and none to another's).
-//!   Twice: a move adds its recompute to the pool's work, so it must shed
-//!   clearly more than that from the home.
+//!   onto a prefill under way would queue behind it) when the home's figure
+//!   is above that replica's by more than twice the chunks the move
+//!   recomputes; home kept, as for a spill. The queued-prefill bound sees
+//!   only prefills that overlap; this one sees a home that keeps getting its
+//!   tenants' long requests one after another (which tenants send them is
+//!   chance: in the bench's trace six of thirteen came to one replica's four
+//!   tenants and none to another's). Twice: a move adds its recompute to the
+//!   pool's work, so it must shed clearly more than that from the home. The
+//!   figures are this worker VM's own, like its in-flight counts.
 //!
 //! In-flight counts are this policy instance's own (one Envoy worker VM);
 //! queued prefill is what the replicas last reported (every 100 ms or so).
@@ -368,17 +369,6 @@ impl PrefixAware {
             count(p.replica.slot());
         }
         per
-    }
-
-    /// Recently requested prefixes replica `r` holds or is about to (see
-    /// [`Placement::Least`]).
-    pub fn placed_prefixes(&self, snapshot: &Snapshot, r: ReplicaRef) -> u64 {
-        snapshot.get(r).map_or(0, |_| {
-            self.held_prefixes(snapshot)
-                .get(r.slot())
-                .copied()
-                .unwrap_or(0)
-        })
     }
 
     fn reports(snapshot: &Snapshot, p: &Pending) -> bool {
