@@ -169,6 +169,37 @@ fn prefix_aware_keeps_shared_prefixes_together() {
 }
 
 #[test]
+fn prefix_aware_worker_vms_balance_long_requests_through_the_board() {
+    // One tenant (4 chunks of system prompt) placed by VM 0; then its long
+    // requests (about 35 chunks of their own) from VM 1, then VM 0. The
+    // first stays home; VM 0 can only know that the home was just sent 35
+    // own chunks from the board, and must move the second to a replica
+    // sent none (a plugin that shares placements only keeps it home).
+    let host = Host::new().unwrap();
+    let replicas = pool(4);
+    let mut vms = start(&host, "prefix-aware", 2).unwrap();
+    publish(
+        &host.vm(&kvmesh_host_conformance::vm_id("prefix-aware")),
+        &replicas,
+    );
+    let system = text(7, 1024);
+    let home = route(&mut vms[0], CHAT, &chat_body(&system, "hello"));
+    let long = |i: u64| chat_body(&system, &text(100 + i, 9000));
+    assert_eq!(route(&mut vms[1], CHAT, &long(0)), home);
+    let second = route(&mut vms[0], CHAT, &long(1));
+    assert_ne!(second, home, "VM 0 did not see VM 1's long request");
+    // A short request of the tenant still goes home, on either VM.
+    for vm in &mut vms {
+        assert_eq!(route(vm, CHAT, &chat_body(&system, "again")), home);
+    }
+    let shared = counters(&vms[0])
+        .into_iter()
+        .find(|(k, _)| k.ends_with("board.shared"))
+        .map_or(0, |(_, v)| v);
+    assert!(shared >= 2, "board entries read: {shared}");
+}
+
+#[test]
 fn prefix_aware_spills_a_hot_prefix_past_its_load_bound() {
     let host = Host::new().unwrap();
     let replicas = pool(4);

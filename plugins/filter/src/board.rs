@@ -1,8 +1,10 @@
 //! The placement board ([`kvmesh_plugins_sdk::board`]) in Envoy shared data:
 //! read before every decision of a strategy that shares placements, written
-//! (compare-and-swap) when it placed a new prefix.
+//! (compare-and-swap) when its policy shares the decision
+//! ([`Policy::shares`]: a new prefix placed, or for prefix-aware also a
+//! request mostly its own).
 
-use kvmesh_plugins_sdk::board::Board;
+use kvmesh_plugins_sdk::board::{Board, Decision};
 use kvmesh_plugins_sdk::policy::{Event, Policy};
 use kvmesh_plugins_sdk::snapshot::Snapshot;
 use kvmesh_plugins_sdk::state::board_key;
@@ -10,11 +12,11 @@ use proxy_wasm::hostcalls;
 
 use crate::metrics::Metrics;
 
-/// Placements older than this are not fed to a policy: after a swap or a
+/// Decisions older than this are not fed to a policy: after a swap or a
 /// restart the replicas' residency tells where old prefixes are.
 const TTL_MS: u64 = 60_000;
 
-/// One VM's view of the board: its key and the newest placement fed.
+/// One VM's view of the board: its key and the newest decision fed.
 #[derive(Debug)]
 pub(crate) struct BoardView {
     key: String,
@@ -43,7 +45,7 @@ impl BoardView {
         }
     }
 
-    /// Reads the board and feeds the placements this VM has not seen to
+    /// Reads the board and feeds the decisions this VM has not seen to
     /// `policy`; an undecodable board reads as empty (the next push
     /// replaces it).
     pub(crate) fn read<P: Policy>(
@@ -67,13 +69,13 @@ impl BoardView {
             // Rewritten from scratch: start over.
             self.seen = 0;
         }
-        for placed in board.since(self.seen) {
-            if now_ms.saturating_sub(placed.at_ms) > TTL_MS {
+        for entry in board.since(self.seen) {
+            if now_ms.saturating_sub(entry.at_ms) > TTL_MS {
                 continue;
             }
             let Some((replica, _)) = snapshot
                 .replicas()
-                .find(|(_, rep)| rep.key == placed.replica_key)
+                .find(|(_, rep)| rep.key == entry.replica_key)
             else {
                 continue;
             };
@@ -81,8 +83,10 @@ impl BoardView {
             policy.observe(
                 snapshot,
                 &Event::Shared {
-                    chunks: &placed.chunks,
-                    total_chunks: placed.total_chunks,
+                    chunks: &entry.chunks,
+                    total_chunks: entry.total_chunks,
+                    own_chunks: entry.own_chunks,
+                    placed: entry.placed,
                     replica,
                 },
             );
@@ -91,17 +95,11 @@ impl BoardView {
         Read { board, cas }
     }
 
-    /// Appends a placement to what [`BoardView::read`] returned; false when
+    /// Appends a decision to what [`BoardView::read`] returned; false when
     /// another VM wrote the board in between (read again and decide again).
-    pub(crate) fn push(
-        &mut self,
-        read: Read,
-        replica_key: u64,
-        now_ms: u64,
-        chunks: &[u64],
-    ) -> bool {
+    pub(crate) fn push(&mut self, read: Read, decision: Decision<'_>) -> bool {
         let Read { mut board, cas } = read;
-        let seq = board.push(replica_key, now_ms, chunks);
+        let seq = board.push(decision);
         match hostcalls::set_shared_data(&self.key, Some(&board.encode()), cas) {
             Ok(()) => {
                 self.seen = seq;

@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kvmesh_plugins_sdk::board::Decision;
 use kvmesh_plugins_sdk::chunk::chunk_hashes;
 use kvmesh_plugins_sdk::policy::{Choice, Event, Policy, Request};
 use kvmesh_plugins_sdk::prompt::{self, Api, PromptError};
@@ -280,20 +281,28 @@ impl<P: Policy> Filter<P> {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let choice = if policy.shares_placements() {
-            // Learn the other VMs' new placements, decide, and publish a new
-            // placement; when another VM wrote in between, it may have placed
-            // this very prefix: read again and decide again.
+            // Learn the other VMs' shared decisions, decide, and publish this
+            // one if the policy shares it; when another VM wrote in between,
+            // it may have placed this very prefix (or loaded this very
+            // replica): read again and decide again.
             let mut attempts = 0;
             loop {
                 let read = board.read(policy, snapshot, now_ms, metrics);
                 let choice = policy.select(snapshot, &request);
-                let placed = choice
+                let shared = choice
                     .primary
-                    .filter(|_| choice.reason.is_placement() && !chunks.is_empty())
+                    .filter(|_| !chunks.is_empty() && policy.shares(&request, &choice))
                     .and_then(|r| snapshot.get(r));
-                match placed {
+                match shared {
                     Some(rep) if attempts < 3 => {
-                        if board.push(read, rep.key, now_ms, &chunks) {
+                        let decision = Decision {
+                            replica_key: rep.key,
+                            at_ms: now_ms,
+                            chunks: &chunks,
+                            own_chunks: choice.own_chunks(&request),
+                            placed: choice.reason.is_placement(),
+                        };
+                        if board.push(read, decision) {
                             break choice;
                         }
                         metrics.board_conflict();

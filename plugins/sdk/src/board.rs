@@ -1,47 +1,74 @@
 //! The placement board: where the worker VMs of one Envoy tell each other
-//! which replica they placed a new prefix on.
+//! which replica they placed a new prefix on, and where they sent a request
+//! that is mostly its own prompt.
 //!
 //! Each Envoy worker runs its own VM with its own policy state. A prefix no
 //! replica holds yet is invisible to the other VMs until its replica reports
 //! the first sealed blocks (seconds, on a slow prefill), and in that window a
 //! second VM would place the same prefix again, somewhere else, or place a
-//! different new prefix on the same replica not knowing it is taken. The
+//! different new prefix on the same replica not knowing it is taken. Likewise
+//! a VM that balances the prefill of long, mostly uncached requests across
+//! replicas sees only the ones it routed itself, half of them or fewer. The
 //! board is one small shared-data value per pool
-//! ([`crate::state::board_key`]): the last [`Board::CAPACITY`] placements,
+//! ([`crate::state::board_key`]): the last [`Board::CAPACITY`] decisions,
 //! each with a sequence number. A filter reads it before deciding, feeds the
-//! entries it has not seen to its policy, and appends its own placement with
-//! a compare-and-swap; on a CAS mismatch it reads again and decides again, so
-//! two VMs placing the same prefix at once end up agreeing.
+//! entries it has not seen to its policy, and appends the decision its
+//! policy shares ([`crate::policy::Policy::shares`]) with a compare-and-swap;
+//! on a CAS mismatch it reads again and decides again, so two VMs placing
+//! the same prefix at once end up agreeing.
 //!
 //! The encoding is little-endian `u64` words: version, next sequence number,
-//! entry count, then per entry: sequence number, replica key, time placed
-//! (ms since the Unix epoch), total chunks of the request, chunks kept, and
-//! the kept chunk hashes (at most [`Board::MAX_CHUNKS`], from the first).
+//! entry count, then per entry: sequence number, replica key, time decided
+//! (ms since the Unix epoch), total chunks of the request, own chunks (those
+//! past the prefix the replica had cached), 1 for a placement of a new prefix
+//! or 0, chunks kept, and the kept chunk hashes (at most
+//! [`Board::MAX_CHUNKS`], from the first). A board of another version reads
+//! as an error (a filter then treats it as empty and its next push replaces
+//! it).
 
 use std::collections::VecDeque;
 
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 
-/// One placement.
+/// One shared decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placed {
+pub struct Entry {
     /// Board sequence number (from 1).
     pub seq: u64,
     /// [`crate::snapshot::Replica::key`] of the replica it went to.
     pub replica_key: u64,
-    /// When it was placed, ms since the Unix epoch.
+    /// When it was decided, ms since the Unix epoch.
     pub at_ms: u64,
-    /// Chunks of the request that placed it (all of them, not only the kept).
+    /// Chunks of the request (all of them, not only the kept).
     pub total_chunks: u32,
+    /// Chunks past the prefix the replica had cached: what it computes.
+    pub own_chunks: u32,
+    /// A new prefix placed (rather than a request sent where it was known).
+    pub placed: bool,
     /// The first chunk hashes of the request.
     pub chunks: Vec<u64>,
 }
 
-/// The last placements of a pool, oldest first.
+/// A decision to share, as [`Board::push`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision<'a> {
+    /// [`crate::snapshot::Replica::key`] of the replica it went to.
+    pub replica_key: u64,
+    /// When it was decided, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The request's chunk hashes, all of them.
+    pub chunks: &'a [u64],
+    /// Chunks past the prefix the replica had cached.
+    pub own_chunks: u32,
+    /// A new prefix placed.
+    pub placed: bool,
+}
+
+/// The last shared decisions of a pool, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Board {
     next_seq: u64,
-    entries: VecDeque<Placed>,
+    entries: VecDeque<Entry>,
 }
 
 /// A board value that does not decode.
@@ -50,7 +77,7 @@ pub struct Board {
 pub struct BoardError(&'static str);
 
 impl Board {
-    /// Placements kept.
+    /// Decisions kept.
     pub const CAPACITY: usize = 32;
     /// Chunk hashes kept per placement.
     pub const MAX_CHUNKS: usize = 16;
@@ -76,16 +103,24 @@ impl Board {
         for _ in 0..count {
             let (seq, replica_key, at_ms) = (next()?, next()?, next()?);
             let total_chunks = u32::try_from(next()?).map_err(|_| BoardError("chunks"))?;
+            let own_chunks = u32::try_from(next()?).map_err(|_| BoardError("chunks"))?;
+            let placed = match next()? {
+                0 => false,
+                1 => true,
+                _ => return Err(BoardError("kind")),
+            };
             let kept = next()?;
             if kept > Self::MAX_CHUNKS as u64 {
                 return Err(BoardError("chunks"));
             }
             let chunks = (0..kept).map(|_| next()).collect::<Result<_, _>>()?;
-            entries.push_back(Placed {
+            entries.push_back(Entry {
                 seq,
                 replica_key,
                 at_ms,
                 total_chunks,
+                own_chunks,
+                placed,
                 chunks,
             });
         }
@@ -101,6 +136,8 @@ impl Board {
                 e.replica_key,
                 e.at_ms,
                 u64::from(e.total_chunks),
+                u64::from(e.own_chunks),
+                u64::from(e.placed),
                 e.chunks.len() as u64,
             ]);
             words.extend(&e.chunks);
@@ -108,28 +145,29 @@ impl Board {
         words.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 
-    /// Appends a placement of the prefix `chunks` on the replica with key
-    /// `replica_key` (dropping the oldest past [`Board::CAPACITY`]); returns
-    /// its sequence number.
-    pub fn push(&mut self, replica_key: u64, at_ms: u64, chunks: &[u64]) -> u64 {
+    /// Appends a decision (dropping the oldest past [`Board::CAPACITY`]);
+    /// returns its sequence number.
+    pub fn push(&mut self, d: Decision<'_>) -> u64 {
         self.next_seq = self.next_seq.max(1);
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.entries.len() == Self::CAPACITY {
             self.entries.pop_front();
         }
-        self.entries.push_back(Placed {
+        self.entries.push_back(Entry {
             seq,
-            replica_key,
-            at_ms,
-            total_chunks: u32::try_from(chunks.len()).unwrap_or(u32::MAX),
-            chunks: chunks.iter().take(Self::MAX_CHUNKS).copied().collect(),
+            replica_key: d.replica_key,
+            at_ms: d.at_ms,
+            total_chunks: u32::try_from(d.chunks.len()).unwrap_or(u32::MAX),
+            own_chunks: d.own_chunks,
+            placed: d.placed,
+            chunks: d.chunks.iter().take(Self::MAX_CHUNKS).copied().collect(),
         });
         seq
     }
 
-    /// Placements after sequence number `seen`, oldest first.
-    pub fn since(&self, seen: u64) -> impl Iterator<Item = &Placed> {
+    /// Decisions after sequence number `seen`, oldest first.
+    pub fn since(&self, seen: u64) -> impl Iterator<Item = &Entry> {
         self.entries.iter().filter(move |e| e.seq > seen)
     }
 
@@ -138,12 +176,12 @@ impl Board {
         self.entries.back().map_or(0, |e| e.seq)
     }
 
-    /// Number of placements held.
+    /// Number of decisions held.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// True when no placement is held.
+    /// True when no decision is held.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -161,7 +199,15 @@ mod tests {
         assert_eq!(Board::decode(&b.encode()), Ok(b.clone()));
         let long: Vec<u64> = (0..40).collect();
         for i in 0..(Board::CAPACITY as u64 + 5) {
-            assert_eq!(b.push(i % 3, 1_000 + i, &long[..(i as usize % 40)]), i + 1);
+            let chunks = &long[..(i as usize % 40)];
+            let d = Decision {
+                replica_key: i % 3,
+                at_ms: 1_000 + i,
+                chunks,
+                own_chunks: chunks.len() as u32 / 2,
+                placed: i % 2 == 0,
+            };
+            assert_eq!(b.push(d), i + 1);
         }
         assert_eq!(b.len(), Board::CAPACITY);
         assert_eq!(b.last_seq(), Board::CAPACITY as u64 + 5);
@@ -171,6 +217,8 @@ mod tests {
         assert_eq!(newest.len(), 1);
         // 36 chunks asked, 16 kept, the count stays.
         assert_eq!(newest[0].total_chunks, 36);
+        assert_eq!(newest[0].own_chunks, 18);
+        assert!(newest[0].placed);
         assert_eq!(newest[0].chunks, (0..16).collect::<Vec<u64>>());
         let back = Board::decode(&b.encode()).unwrap();
         assert_eq!(back, b);
@@ -182,12 +230,23 @@ mod tests {
         assert!(Board::decode(&[1, 2, 3]).is_err());
         assert!(Board::decode(&[]).is_err());
         let mut b = Board::default();
-        b.push(1, 2, &[3, 4]);
+        b.push(Decision {
+            replica_key: 1,
+            at_ms: 2,
+            chunks: &[3, 4],
+            own_chunks: 2,
+            placed: true,
+        });
         let bytes = b.encode();
         assert!(Board::decode(&bytes[..bytes.len() - 8]).is_err());
         let mut other = bytes.clone();
         other[0] = 9;
         assert!(Board::decode(&other).is_err());
+        // The placed flag is 0 or 1 (word 8 from 0: version, next, count,
+        // then the entry's seq, key, time, total and own before it).
+        let mut kind = bytes.clone();
+        kind[8 * 8] = 2;
+        assert_eq!(Board::decode(&kind), Err(BoardError("kind")));
     }
 
     proptest! {

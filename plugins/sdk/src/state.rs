@@ -8,7 +8,7 @@
 //! | `kvmesh.v1/P/head` | [`proto::StateHead`] (a few bytes) | every request |
 //! | `kvmesh.v1/P/delta/<seq % ring>` | [`proto::PoolDelta`] | once per new delta |
 //! | `kvmesh.v1/P/snapshot` | [`proto::PoolSnapshot`] | at start, after a gap, on a new epoch |
-//! | `kvmesh.v1/P/placements` | [`crate::board::Board`] (at most ~5 KB) | every request; written by the filters |
+//! | `kvmesh.v1/P/placements` | [`crate::board::Board`] (at most ~6 KB) | every request; written by the filters |
 //!
 //! The writer ([`StateWriter`]) writes deltas first, the snapshot when due,
 //! and the head last, so a reader that sees a head finds everything it names

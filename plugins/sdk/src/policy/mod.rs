@@ -78,8 +78,8 @@ pub enum Reason {
 }
 
 impl Reason {
-    /// A new prefix was placed: the filter shares such choices with the
-    /// other worker VMs of its Envoy ([`crate::board`]).
+    /// A new prefix was placed: what [`Policy::shares`] shares by default
+    /// with the other worker VMs of an Envoy ([`crate::board`]).
     pub fn is_placement(self) -> bool {
         matches!(self, Reason::Hash | Reason::Placed)
     }
@@ -124,6 +124,13 @@ impl Choice {
         }
     }
 
+    /// Chunks of `request` past the prefix the primary is believed to hold:
+    /// what it computes.
+    pub fn own_chunks(&self, request: &Request<'_>) -> u32 {
+        let total = u32::try_from(request.chunks.len()).unwrap_or(u32::MAX);
+        total - self.matched_chunks.min(total)
+    }
+
     /// Primary then fallbacks.
     pub fn endpoints(&self) -> impl Iterator<Item = ReplicaRef> + '_ {
         self.primary
@@ -147,13 +154,18 @@ pub enum Event<'a> {
         /// Where it had been sent.
         replica: ReplicaRef,
     },
-    /// Another worker VM of this Envoy placed a new prefix on `replica`
-    /// (read from the placement board, [`crate::board`]).
+    /// Another worker VM of this Envoy sent a request to `replica` and
+    /// shared the decision ([`Policy::shares`]; read from the placement
+    /// board, [`crate::board`]).
     Shared {
-        /// The first chunk hashes of the request that placed it.
+        /// The first chunk hashes of the request.
         chunks: &'a [u64],
-        /// How many chunks that request had in all.
+        /// How many chunks the request had in all.
         total_chunks: u32,
+        /// Chunks past the prefix `replica` had cached: what it computes.
+        own_chunks: u32,
+        /// The request placed a new prefix ([`Reason::is_placement`]).
+        placed: bool,
         /// Where it went.
         replica: ReplicaRef,
     },
@@ -167,11 +179,17 @@ pub trait Policy {
     fn select(&self, snapshot: &Snapshot, request: &Request<'_>) -> Choice;
     /// Learns from what happened.
     fn observe(&mut self, snapshot: &Snapshot, event: &Event<'_>);
-    /// Whether the filter should share this policy's placements of new
-    /// prefixes ([`Reason::is_placement`]) with the other worker VMs of its
-    /// Envoy and feed it theirs as [`Event::Shared`] ([`crate::board`]).
+    /// Whether the filter should share this policy's decisions that
+    /// [`Policy::shares`] picks with the other worker VMs of its Envoy and
+    /// feed it theirs as [`Event::Shared`] ([`crate::board`]).
     fn shares_placements(&self) -> bool {
         false
+    }
+    /// Which decisions to share when [`Policy::shares_placements`]: by
+    /// default the placements of new prefixes ([`Reason::is_placement`]).
+    fn shares(&self, request: &Request<'_>, choice: &Choice) -> bool {
+        let _ = request;
+        choice.reason.is_placement()
     }
 }
 

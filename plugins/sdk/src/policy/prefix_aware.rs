@@ -65,7 +65,11 @@
 //!   chance: in the bench's trace six of thirteen came to one replica's four
 //!   tenants and none to another's). Twice: a move adds its recompute to the
 //!   pool's work, so it must shed clearly more than that from the home. The
-//!   figures are this worker VM's own, like its in-flight counts.
+//!   worker VMs of one Envoy count each other's requests too: a request
+//!   mostly its own (a move included) is shared on the placement board like
+//!   a placement ([`Policy::shares`]), so a move one VM makes is not undone
+//!   by another that did not see it. Each VM decays the figures per request
+//!   it routes or learns, so theirs agree closely, not exactly.
 //!
 //! In-flight counts are this policy instance's own (one Envoy worker VM);
 //! queued prefill is what the replicas last reported (every 100 ms or so).
@@ -378,6 +382,14 @@ impl PrefixAware {
             .any(|h| h.slot as usize == p.replica.slot())
     }
 
+    /// Counts `own` chunks sent to `r` for the balance of own prefill.
+    fn note_own(&mut self, r: ReplicaRef, own: u32) {
+        if self.config.balance_window > 0 {
+            let keep = 1.0 - 1.0 / f64::from(self.config.balance_window);
+            self.recent.route(r, f64::from(own), keep);
+        }
+    }
+
     /// Remembers a placement until its replica reports it.
     fn note_placed(&mut self, chunks: &[u64], total: u64, r: ReplicaRef) {
         let Some(&first_chunk) = chunks.first() else {
@@ -444,6 +456,15 @@ impl Policy for PrefixAware {
 
     fn shares_placements(&self) -> bool {
         true
+    }
+
+    fn shares(&self, request: &Request<'_>, choice: &Choice) -> bool {
+        // Placements, and with the balance on, requests mostly their own
+        // where they went (a move included): the other VMs count the own
+        // prefill each replica was sent as this one does.
+        choice.reason.is_placement()
+            || (self.config.balance_window > 0
+                && choice.own_chunks(request) > choice.matched_chunks)
     }
 
     fn select(&self, snapshot: &Snapshot, request: &Request<'_>) -> Choice {
@@ -565,12 +586,7 @@ impl Policy for PrefixAware {
                     return;
                 }
                 self.in_flight.add(r, 1);
-                if self.config.balance_window > 0 {
-                    let own = request.chunks.len() as u32
-                        - choice.matched_chunks.min(request.chunks.len() as u32);
-                    let keep = 1.0 - 1.0 / f64::from(self.config.balance_window);
-                    self.recent.route(r, f64::from(own), keep);
-                }
+                self.note_own(r, choice.own_chunks(request));
                 if let Some(&root) = request.chunks.first() {
                     self.roots.insert(root, ());
                 }
@@ -598,15 +614,21 @@ impl Policy for PrefixAware {
             Event::Shared {
                 chunks,
                 total_chunks,
+                own_chunks,
+                placed,
                 replica,
             } => {
                 if snapshot.get(replica).is_none() {
                     return;
                 }
-                self.note_placed(chunks, u64::from(total_chunks), replica);
+                self.note_own(replica, own_chunks);
                 if let Some(&root) = chunks.first() {
                     self.roots.insert(root, ());
                 }
+                if !placed {
+                    return;
+                }
+                self.note_placed(chunks, u64::from(total_chunks), replica);
                 for &c in chunks {
                     self.affinity.insert(c, replica);
                 }

@@ -375,6 +375,45 @@ fn prefix_aware_moves_a_request_mostly_its_own_off_a_home_that_recently_got_more
 }
 
 #[test]
+fn prefix_aware_worker_vms_count_each_others_own_prefill_through_the_board() {
+    // Two worker VMs take turns: a tenant placed by `a`, then its long
+    // requests (4 chunks of system prompt, 36 of its own) alternate between
+    // `b` and `a`. The first stays home; the second, on `a`, must see the
+    // 36 own chunks `b` sent home and move. Without the shared figures `a`
+    // counts only its own 5 and keeps it home.
+    let s = pool(4);
+    for share in [true, false] {
+        let (mut a, mut b) = (PrefixAware::default(), PrefixAware::default());
+        let mut quiet = PrefixAware::default();
+        let home = route_shared(&mut a, &mut b, &s, &chain(0, 4, 0, 5))
+            .primary
+            .unwrap();
+        let first = if share {
+            route_shared(&mut b, &mut a, &s, &chain(0, 4, 100, 40))
+        } else {
+            // `b` routes it but does not share it: `a` hears nothing.
+            route_shared(&mut b, &mut quiet, &s, &chain(0, 4, 100, 40))
+        };
+        assert_eq!(
+            (first.primary, first.reason),
+            (Some(home), Reason::Affinity)
+        );
+        let second = route_shared(&mut a, &mut b, &s, &chain(0, 4, 101, 40));
+        if share {
+            assert_ne!(second.primary, Some(home), "{second:?}");
+            assert_eq!((second.reason, second.matched_chunks), (Reason::Spilled, 0));
+            // And `b`, told of the move, sends the third to neither the
+            // home nor the replica `a` moved the second to.
+            let third = route_shared(&mut b, &mut a, &s, &chain(0, 4, 102, 40));
+            assert_eq!(third.reason, Reason::Spilled, "{third:?}");
+            assert!(![Some(home), second.primary].contains(&third.primary));
+        } else {
+            assert_eq!(second.primary, Some(home), "{second:?}");
+        }
+    }
+}
+
+#[test]
 fn prefix_aware_least_counts_a_tenant_with_a_long_first_request_once() {
     // 16 tenants on 4 replicas; the first one's first request carries a long
     // text of its own (40 chunks after a 4-chunk system prompt). Counted by
@@ -433,12 +472,18 @@ fn route_shared(
             replica: c.primary.unwrap(),
         },
     );
-    if c.reason.is_placement() {
+    let req = Request {
+        chunks,
+        prompt_bytes: chunks.len() * 256,
+    };
+    if on.shares(&req, &c) {
         peer.observe(
             s,
             &Event::Shared {
                 chunks,
                 total_chunks: chunks.len() as u32,
+                own_chunks: c.own_chunks(&req),
+                placed: c.reason.is_placement(),
                 replica: c.primary.unwrap(),
             },
         );
@@ -620,6 +665,8 @@ fn prefix_aware_learns_a_shared_placement_as_affinity() {
         &Event::Shared {
             chunks: &ch[..4],
             total_chunks: 5,
+            own_chunks: 5,
+            placed: true,
             replica: other,
         },
     );
@@ -984,7 +1031,7 @@ proptest! {
                     let r = s.find(&format!("r{i}")).or_else(|| gone.find(&format!("r{i}"))).map(|(r, _)| r);
                     let ch = chain(prefix, 4, prefix, 4);
                     if let Some(replica) = r {
-                        let e = Event::Shared { chunks: &ch, total_chunks: 4, replica };
+                        let e = Event::Shared { chunks: &ch, total_chunks: 4, own_chunks: 4, placed: true, replica };
                         for p in policies.iter_mut() {
                             p.observe(&s, &e);
                         }
