@@ -73,6 +73,10 @@ pub(crate) struct Summary {
     pub(crate) throughput_tps: f64,
     pub(crate) queue_max_over_mean: f64,
     pub(crate) prefill_max_over_mean: f64,
+    /// Per replica, the mean of its queued prefill samples.
+    pub(crate) queue_means: Vec<f64>,
+    /// Per replica, prompt tokens computed.
+    pub(crate) prefill: Vec<f64>,
     pub(crate) wall_s: f64,
 }
 
@@ -127,6 +131,8 @@ impl Summary {
             throughput_tps: tokens as f64 / run.wall.as_secs_f64().max(1e-9),
             queue_max_over_mean: max_over_mean(&queue_means),
             prefill_max_over_mean: max_over_mean(&run.prefill),
+            queue_means,
+            prefill: run.prefill.clone(),
             wall_s: run.wall.as_secs_f64(),
         }
     }
@@ -232,6 +238,8 @@ pub(crate) fn json(
             "output_tokens_per_s": r.throughput_tps,
             "queued_prefill_max_over_mean": r.queue_max_over_mean,
             "prefill_tokens_max_over_mean": r.prefill_max_over_mean,
+            "queued_prefill_means": r.queue_means,
+            "prefill_tokens": r.prefill,
             "wall_s": r.wall_s,
             "requests": requests(run, tags),
         })).collect::<Vec<_>>(),
@@ -379,6 +387,8 @@ mod tests {
         };
         let s = Summary::of(&run, 0.5);
         assert_eq!((s.ok, s.failed, s.uncached), (3, 1, 2));
+        assert_eq!(s.queue_means, vec![20.0, 20.0]);
+        assert!((s.prefill_max_over_mean - 1600.0 / 1280.0).abs() < 1e-12);
         assert!((s.cached_ratio - 640.0 / 2400.0).abs() < 1e-12);
 
         let setup = Setup {
