@@ -17,10 +17,15 @@ fn pool(n: usize) -> Vec<ReplicaSpec> {
     (0..n).map(ReplicaSpec::idle).collect()
 }
 
-fn one(host: &Host, name: &str, replicas: &[ReplicaSpec]) -> Plugin {
-    let mut vms = start(host, name, 1).unwrap_or_else(|e| panic!("{name}: {e}"));
+/// `n` worker VMs of plugin `name` over `replicas`.
+fn workers(host: &Host, name: &str, n: usize, replicas: &[ReplicaSpec]) -> Vec<Plugin> {
+    let vms = start(host, name, n).unwrap_or_else(|e| panic!("{name}: {e}"));
     publish(&host.vm(&kvmesh_host_conformance::vm_id(name)), replicas);
-    vms.remove(0)
+    vms
+}
+
+fn one(host: &Host, name: &str, replicas: &[ReplicaSpec]) -> Plugin {
+    workers(host, name, 1, replicas).remove(0)
 }
 
 fn route(p: &mut Plugin, path: &str, body: &[u8]) -> String {
@@ -145,12 +150,7 @@ fn round_robin_spreads_evenly() {
 #[test]
 fn prefix_aware_keeps_shared_prefixes_together() {
     let host = Host::new().unwrap();
-    let replicas = pool(4);
-    let mut vms = start(&host, "prefix-aware", 2).unwrap();
-    publish(
-        &host.vm(&kvmesh_host_conformance::vm_id("prefix-aware")),
-        &replicas,
-    );
+    let mut vms = workers(&host, "prefix-aware", 2, &pool(4));
     let systems: Vec<String> = (0..3).map(|g| text(g, 2048)).collect();
     let mut homes: HashMap<usize, Vec<String>> = HashMap::new();
     for i in 0..30 {
@@ -176,12 +176,7 @@ fn prefix_aware_worker_vms_balance_long_requests_through_the_board() {
     // own chunks from the board, and must move the second to a replica
     // sent none (a plugin that shares placements only keeps it home).
     let host = Host::new().unwrap();
-    let replicas = pool(4);
-    let mut vms = start(&host, "prefix-aware", 2).unwrap();
-    publish(
-        &host.vm(&kvmesh_host_conformance::vm_id("prefix-aware")),
-        &replicas,
-    );
+    let mut vms = workers(&host, "prefix-aware", 2, &pool(4));
     let system = text(7, 1024);
     let home = route(&mut vms[0], CHAT, &chat_body(&system, "hello"));
     let long = |i: u64| chat_body(&system, &text(100 + i, 9000));

@@ -6,8 +6,9 @@
 //!    bring the pool view up to date from shared data, `select`, and write
 //!    `x-gateway-destination-endpoint: primary,fallback,...` (always
 //!    replacing what the client sent); for a strategy that shares its
-//!    placements, read the placement board first and publish a new prefix's
-//!    placement on it (`kvmesh_plugins_sdk::board`);
+//!    placements, read the placement board first and publish the decision
+//!    on it when the policy shares it (a new prefix's placement; for
+//!    prefix-aware also a request mostly its own) (`kvmesh_plugins_sdk::board`);
 //! 3. response headers: add `x-kvmesh-decision` describing the decision;
 //! 4. log: tell the policy the request finished.
 //!

@@ -11,7 +11,7 @@
 //! - [`state`] is the Envoy shared-data layout a state pump writes and the
 //!   filters read.
 //! - [`board`] is where the filters of one Envoy share their placements of
-//!   new prefixes.
+//!   new prefixes, and the requests mostly their own a policy balances.
 //! - [`policy`] is the strategy API and the three built-in strategies.
 //!
 //! Writing your own strategy means implementing [`policy::Policy`]: a pure
