@@ -161,6 +161,9 @@ struct Seq {
     waited: bool,
     /// Steps in a row its partial prefill chunk gave way to shorter prefill work.
     deferred: u32,
+    /// Prompt tokens found cached (any tier) when it was queued: while it waits, what it
+    /// will not prefill (see [`Seq::queued_prefill`]).
+    cached_hint: usize,
 }
 
 /// Steps in a row a partial prefill chunk gives way to other prefill work (see
@@ -173,6 +176,13 @@ impl Seq {
     }
     fn pending(&self) -> usize {
         self.tokens.len() - self.table.computed()
+    }
+    /// Tokens it still has to prefill, as the load report counts them: a waiting request
+    /// is counted without the prefix found cached when it was queued (it will adopt it,
+    /// unless evicted meanwhile), and every sequence computes at least its last token.
+    fn queued_prefill(&self) -> usize {
+        let done = self.table.computed().max(self.cached_hint).max(1);
+        self.prompt_len.saturating_sub(done)
     }
     fn send(&self, e: Event) {
         let _ = self.req.events.send(e);
@@ -311,10 +321,13 @@ impl Core {
                     Some(s) => StdRng::seed_from_u64(s),
                     None => StdRng::from_os_rng(),
                 };
+                let table = BlockTable::new(self.cfg.block_tokens);
+                let hashes = table.prefix_hashes(&req.prompt, req.prompt.len());
+                let cached_hint = self.mgr.cached_prefix(&hashes) * self.cfg.block_tokens;
                 self.waiting.push_back(Seq {
                     tokens: req.prompt.clone(),
                     prompt_len: req.prompt.len(),
-                    table: BlockTable::new(self.cfg.block_tokens),
+                    table,
                     rng,
                     started: false,
                     chunks_mapped: 0,
@@ -322,6 +335,7 @@ impl Core {
                     admitted_hashes: Vec::new(),
                     waited: false,
                     deferred: 0,
+                    cached_hint,
                     req,
                 });
             }
@@ -586,6 +600,8 @@ impl Core {
 
     fn preempt_last(&mut self) {
         if let Some(mut s) = self.running.pop() {
+            // Its sealed blocks stay cached: re-admission adopts them.
+            s.cached_hint = s.table.computed() / self.cfg.block_tokens * self.cfg.block_tokens;
             s.table.release(&mut self.mgr);
             self.stats.preemptions += 1;
             self.waiting_count.fetch_add(1, Ordering::SeqCst);
@@ -760,7 +776,7 @@ impl Core {
                 .waiting
                 .iter()
                 .chain(self.running.iter())
-                .map(|s| s.tokens.len().saturating_sub(s.table.computed().max(1)) as u64)
+                .map(|s| s.queued_prefill() as u64)
                 .sum(),
             used_blocks: (cache.in_use + cache.cached) as u64,
             capacity_blocks: cache.num_blocks as u64,

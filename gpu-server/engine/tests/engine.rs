@@ -462,3 +462,30 @@ fn a_long_prefill_is_not_starved_by_a_stream_of_short_requests() {
         events_until(&mut o, 1);
     }
 }
+
+#[test]
+fn queued_prefill_counts_a_waiting_request_without_its_cached_prefix() {
+    // One sequence at a time: a long decode runs, a request whose first 64 tokens (4 blocks)
+    // are cached waits behind it. It will prefill its 30 tokens past them, and that is what
+    // the load report (the replica's `queued_prefill_tokens`, which routers read) counts.
+    let e = engine(EngineConfig {
+        max_running: 1,
+        ..EngineConfig::default()
+    });
+    let shared = prompt(64, 31);
+    let with_tail = |salt: u32| -> Vec<u32> {
+        let mut p = shared.clone();
+        p.extend(prompt(30, salt));
+        p
+    };
+    assert_eq!(finish(&mut submit(&e, &with_tail(32), greedy(1))).0, 0);
+    let running = submit(&e, &prompt(50, 33), greedy(1500));
+    wait_until(&e, "the long decode running", |s| {
+        s.load.running == 1 && s.load.queued_prefill_tokens == 0
+    });
+    let mut waiting = submit(&e, &with_tail(34), greedy(1));
+    wait_until(&e, "the second request waiting", |s| s.load.waiting == 1);
+    assert_eq!(e.status().load.queued_prefill_tokens, 30);
+    drop(running);
+    assert_eq!(finish(&mut waiting).0, 64);
+}

@@ -71,9 +71,12 @@ struct Cli {
     /// recomputing (`cost`), or always (`always`).
     #[arg(long, default_value = "cost", value_parser = ["cost", "always"])]
     kv_fetch: String,
-    /// Tokens per engine step (decode plus prefill chunks).
-    #[arg(long, default_value_t = 512)]
-    step_tokens: usize,
+    /// Tokens per engine step (decode plus prefill chunks). Default: 128 on the CPU, where
+    /// smaller chunks prefill faster (the demo model took 15.3 s for a 3,464-token prompt
+    /// at 128 against 21.4 s at 512) and a short request that arrives during a long prefill
+    /// waits for a shorter chunk; 512 on a GPU.
+    #[arg(long)]
+    step_tokens: Option<usize>,
     #[arg(long, default_value_t = 16)]
     max_running: usize,
     /// Waiting requests beyond which new ones get 429.
@@ -162,7 +165,9 @@ async fn main() -> anyhow::Result<()> {
         engine: EngineConfig {
             block_tokens: cli.block_tokens,
             num_blocks: cli.kv_blocks,
-            step_tokens: cli.step_tokens,
+            step_tokens: cli
+                .step_tokens
+                .unwrap_or(if cli.device == "cpu" { 128 } else { 512 }),
             max_running: cli.max_running,
             max_waiting: cli.max_waiting,
         },
