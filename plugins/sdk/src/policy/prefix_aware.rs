@@ -47,8 +47,10 @@
 //!   it is the one that evens out the replicas when a few tenants' heavy
 //!   requests pile onto one home; a request that is mostly cached stays
 //!   home whatever that home has queued. It spills, home kept, to the
-//!   replica reporting the least queued prefill under both bounds (the
-//!   rendezvous order breaks ties): the request is mostly its own, so no
+//!   replica reporting the least queued prefill under both bounds (among
+//!   equal queues, as when several are idle, the one with the least own
+//!   prefill recently sent, below; then the rendezvous order): the request
+//!   is mostly its own, so no
 //!   second holder is worth warming, and the emptiest queue is what evens
 //!   the replicas out.
 //! - Balanced own prefill, for the same requests: the policy remembers the
@@ -538,10 +540,20 @@ impl Policy for PrefixAware {
                     .filter(|_| mostly_own)
                     .map_or(0, |rep| rep.load.queued_prefill_tokens)
             };
+            // Among equal queues (idle replicas report none), a request mostly
+            // its own goes to the least own prefill recently sent, as a move
+            // does; `min_by` keeps the first of equal minima.
+            let recent = |r: ReplicaRef| {
+                if mostly_own { self.recent.get(r) } else { 0.0 }
+            };
             let others = || order.iter().map(|&(_, r)| r).filter(|&r| r != preferred);
             let spill = others()
                 .filter(|&r| under_bound(r))
-                .min_by_key(|&r| queued(r))
+                .min_by(|&a, &b| {
+                    queued(a)
+                        .cmp(&queued(b))
+                        .then(recent(a).total_cmp(&recent(b)))
+                })
                 .or_else(|| {
                     (!in_flight_ok(preferred)).then(|| others().find(|&r| in_flight_ok(r)))?
                 })

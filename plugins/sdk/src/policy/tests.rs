@@ -272,6 +272,34 @@ fn prefix_aware_spills_a_request_mostly_its_own_to_the_least_queued_prefill() {
     // A short one still stays home.
     let c = route(&mut p, &s, &chain(7, 4, 2, 6));
     assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
+
+    // Among replicas equally idle, the one sent the least own prefill lately:
+    // `next` (first of them in rendezvous order) just got another tenant's
+    // long request from a worker VM, so `then` takes it. By the rendezvous
+    // order alone it would go to `next`, piling a second long prefill there.
+    let mut p = PrefixAware::default();
+    let first = route(&mut p, &s, &chain(7, 4, 0, 5));
+    p.observe(&s, &Event::Finished { replica: home });
+    assert_eq!(
+        (first.primary, &first.fallbacks[..]),
+        (Some(home), &[next, then][..])
+    );
+    for r in [n, t] {
+        s.upsert(&replica(r, 0));
+    }
+    let other = chain(9, 4, 0, 40);
+    p.observe(
+        &s,
+        &Event::Shared {
+            chunks: &other[..4],
+            total_chunks: 40,
+            own_chunks: 36,
+            placed: false,
+            replica: next,
+        },
+    );
+    let c = route(&mut p, &s, &chain(7, 4, 3, 16));
+    assert_eq!((c.primary, c.reason), (Some(then), Reason::Spilled));
 }
 
 #[test]
