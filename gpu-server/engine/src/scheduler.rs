@@ -177,9 +177,10 @@ impl Seq {
     fn pending(&self) -> usize {
         self.tokens.len() - self.table.computed()
     }
-    /// Tokens it still has to prefill, as the load report counts them: a waiting request
-    /// is counted without the prefix found cached when it was queued (it will adopt it,
-    /// unless evicted meanwhile), and every sequence computes at least its last token.
+    /// Prompt tokens it still has to prefill, as the load report counts them: a waiting
+    /// request is counted without the prefix found cached when it was queued (it will adopt
+    /// it, unless evicted meanwhile); a decoding sequence counts none; and, as the report
+    /// always did, a prompt with nothing computed or cached counts one token less.
     fn queued_prefill(&self) -> usize {
         let done = self.table.computed().max(self.cached_hint).max(1);
         self.prompt_len.saturating_sub(done)
@@ -406,10 +407,10 @@ impl Core {
     /// take what is left, oldest first. A partial chunk is deferred while the step has other
     /// prefill work; after [`MAX_DEFERRED`] steps in a row it is planned in the first pass,
     /// taking what is left before any admission, so a steady stream of short requests slows
-    /// a long prefill but cannot starve it. (Before, running sequences went
-    /// first in age order and a partial chunk took the whole budget: on the CPU demo
-    /// replicas a 2,300-token prompt kept every request that arrived after it from its
-    /// first token, and from decoding, for 15-25 s.)
+    /// a long prefill but cannot starve it. (Before, running sequences went first in age
+    /// order and a partial chunk took the whole budget: on the CPU demo replicas a
+    /// 2,300-token prompt kept every request that arrived after it from its first token,
+    /// and from decoding, for 15-25 s.)
     fn step(&mut self) {
         let mut budget = self.cfg.step_tokens;
         let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens)

@@ -50,9 +50,8 @@
 //!   replica reporting the least queued prefill under both bounds (among
 //!   equal queues, as when several are idle, the one with the least own
 //!   prefill recently sent, below; then the rendezvous order): the request
-//!   is mostly its own, so no
-//!   second holder is worth warming, and the emptiest queue is what evens
-//!   the replicas out.
+//!   is mostly its own, so no second holder is worth warming, and the
+//!   emptiest queue is what evens the replicas out.
 //! - Balanced own prefill, for the same requests: the policy remembers the
 //!   own chunks (past the matched prefix) it sent to each replica over about
 //!   the last `balance_window` routed requests (decaying by
