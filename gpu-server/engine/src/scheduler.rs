@@ -450,7 +450,7 @@ impl Core {
             budget -= take;
             i += 1;
         }
-        let admitted = self.admit(&mut plan, &mut budget, blocked || i < self.running.len());
+        self.admit(&mut plan, &mut budget, blocked);
         // The partial chunks, oldest first.
         let mut starved = None;
         for p in partial {
@@ -471,7 +471,6 @@ impl Core {
             budget -= take;
         }
         if plan.is_empty()
-            && !admitted
             && let Some(p) = starved
         {
             // Nothing runs and the oldest partial prefill has no blocks: free some, as the
@@ -493,9 +492,7 @@ impl Core {
 
     /// Admits waiting requests while budget, batch room and blocks allow (none when
     /// `blocked`: a running sequence lacked blocks), adding their first chunks to `plan`.
-    /// Returns whether any was admitted.
-    fn admit(&mut self, plan: &mut Vec<(usize, usize)>, budget: &mut usize, blocked: bool) -> bool {
-        let mut admitted = false;
+    fn admit(&mut self, plan: &mut Vec<(usize, usize)>, budget: &mut usize, blocked: bool) {
         // Admit waiting requests while budget, batch room and blocks allow. A request whose
         // prefix a running sequence is still prefilling waits for those blocks to seal rather
         // than compute the same KV beside it (it keeps its place; those behind it go ahead).
@@ -564,7 +561,6 @@ impl Core {
             plan.push((self.running.len(), take));
             self.running.push(s);
             *budget -= take;
-            admitted = true;
         }
         for s in held.into_iter().rev() {
             self.waiting.push_front(s);
@@ -578,7 +574,6 @@ impl Core {
                 self.tiers.prefetch(&hashes, &places);
             }
         }
-        admitted
     }
 
     /// Copies the blocks this step's planning moved between tiers and the private copies
