@@ -1,6 +1,7 @@
 //! The root and per-request contexts.
 
 use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -356,13 +357,18 @@ fn describe(
     chunks: usize,
     micros: u64,
 ) -> String {
-    format!(
-        "strategy={strategy}; endpoint={}; reason={}; matched={}/{chunks}; fallbacks={}; us={micros}",
+    let mut header = format!(
+        "strategy={strategy}; endpoint={}; reason={}; matched={}/{chunks}; fallbacks={}; ",
         endpoints.first().map_or("-", String::as_str),
         choice.reason.label(),
         choice.matched_chunks,
         endpoints.len().saturating_sub(1),
-    )
+    );
+    for (name, value) in &choice.figures {
+        let _ = write!(header, "{name}={value}; ");
+    }
+    let _ = write!(header, "us={micros}");
+    header
 }
 
 fn header_bytes(map: MapType, name: &str) -> Option<Vec<u8>> {
@@ -379,4 +385,37 @@ fn elapsed_micros(started: Option<SystemTime>) -> u64 {
     };
     end.duration_since(start)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use kvmesh_plugins_sdk::policy::Reason;
+
+    use super::*;
+
+    #[test]
+    fn the_decision_header_lists_the_figures_weighed_before_the_timing() {
+        let choice = Choice {
+            primary: None,
+            fallbacks: Vec::new(),
+            matched_chunks: 0,
+            reason: Reason::Spilled,
+            figures: vec![("home_queued", 5000), ("prefill_bound", 3306)],
+        };
+        let endpoints = ["127.0.0.1:1".to_owned(), "127.0.0.1:2".to_owned()];
+        assert_eq!(
+            describe("prefix-aware", &choice, &endpoints, 16, 7),
+            "strategy=prefix-aware; endpoint=127.0.0.1:1; reason=spilled; matched=0/16; \
+             fallbacks=1; home_queued=5000; prefill_bound=3306; us=7"
+        );
+        let plain = Choice {
+            figures: Vec::new(),
+            ..choice
+        };
+        assert_eq!(
+            describe("prefix-aware", &plain, &endpoints[..1], 16, 7),
+            "strategy=prefix-aware; endpoint=127.0.0.1:1; reason=spilled; matched=0/16; \
+             fallbacks=0; us=7"
+        );
+    }
 }

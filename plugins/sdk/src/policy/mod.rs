@@ -111,6 +111,11 @@ pub struct Choice {
     pub matched_chunks: u32,
     /// Why.
     pub reason: Reason,
+    /// Figures the strategy weighed, named, for the decision header only
+    /// (`name=value` each): what a reader needs to tell why a request left
+    /// its home, e.g. the home's queued prefill against the bound. Empty
+    /// where there is nothing to explain.
+    pub figures: Vec<(&'static str, u64)>,
 }
 
 impl Choice {
@@ -121,6 +126,7 @@ impl Choice {
             fallbacks: Vec::new(),
             matched_chunks: 0,
             reason: Reason::NoReplicas,
+            figures: Vec::new(),
         }
     }
 
@@ -264,6 +270,7 @@ pub fn rank_by(
         fallbacks: it.take(max_fallbacks).collect(),
         matched_chunks: 0,
         reason,
+        figures: Vec::new(),
     }
 }
 

@@ -278,18 +278,18 @@ impl PrefixAware {
         self.recent.get(replica)
     }
 
-    /// For a request mostly its own at `home` (`matched` chunks cached
-    /// there): of the replicas `ok` takes that report no more queued prefill
-    /// than the mean, the one with the least own prefill recently sent, when
-    /// the home's is above it by more than twice `matched`.
-    fn lighter(
+    /// For a request mostly its own at `home`: of the replicas `ok` takes
+    /// that report no more queued prefill than the mean, the one with the
+    /// least own prefill recently sent, and that figure. The request moves
+    /// there when the home's figure is above it by more than twice the
+    /// chunks the move recomputes.
+    fn lightest(
         &self,
         snapshot: &Snapshot,
         home: ReplicaRef,
-        matched: u32,
         order: &[(u64, ReplicaRef)],
         ok: &dyn Fn(ReplicaRef) -> bool,
-    ) -> Option<ReplicaRef> {
+    ) -> Option<(ReplicaRef, f64)> {
         if self.config.balance_window == 0 {
             return None;
         }
@@ -301,13 +301,49 @@ impl PrefixAware {
         let total: u64 = snapshot.replicas().map(|(r, _)| queued(r)).sum();
         let mean = total as f64 / snapshot.len().max(1) as f64;
         // `min_by` keeps the first of equal minima: the rendezvous order.
-        let (r, load) = order
+        order
             .iter()
             .map(|&(_, r)| r)
             .filter(|&r| r != home && ok(r) && queued(r) as f64 <= mean)
             .map(|r| (r, self.recent.get(r)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))?;
-        (self.recent.get(home) - load > 2.0 * f64::from(matched)).then_some(r)
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// The figures a request with a known home was weighed by, for the
+    /// decision header: the home's in-flight count and queued prefill
+    /// against their bounds, the own prefill recently sent to it and to the
+    /// lightest candidate of a move, and where it went when not home, that
+    /// replica's.
+    fn figures(
+        &self,
+        snapshot: &Snapshot,
+        home: ReplicaRef,
+        primary: ReplicaRef,
+        bounds: (u64, Option<u64>),
+        lightest: Option<f64>,
+    ) -> Vec<(&'static str, u64)> {
+        let queued = |r: ReplicaRef| {
+            snapshot
+                .get(r)
+                .map_or(0, |rep| rep.load.queued_prefill_tokens)
+        };
+        let recent = |r: ReplicaRef| self.recent.get(r).round() as u64;
+        let mut figures = vec![
+            ("home_in_flight", self.in_flight.get(home)),
+            ("in_flight_bound", bounds.0),
+            ("home_queued", queued(home)),
+        ];
+        figures.extend(bounds.1.map(|b| ("prefill_bound", b)));
+        figures.push(("home_recent", recent(home)));
+        figures.extend(lightest.map(|l| ("lightest_recent", l.round() as u64)));
+        if primary != home {
+            figures.extend([
+                ("primary_in_flight", self.in_flight.get(primary)),
+                ("primary_queued", queued(primary)),
+                ("primary_recent", recent(primary)),
+            ]);
+        }
+        figures
     }
 
     /// Affinity entries held.
@@ -518,12 +554,14 @@ impl Policy for PrefixAware {
                 });
             in_flight_ok(r) && !over_prefill
         };
+        let lightest = mostly_own
+            .then(|| self.lightest(snapshot, preferred, &order, &under_bound))
+            .flatten();
         let (primary, matched, reason) = if under_bound(preferred) {
-            match mostly_own
-                .then(|| self.lighter(snapshot, preferred, matched, &order, &under_bound))
-                .flatten()
+            match lightest
+                .filter(|&(_, load)| self.recent.get(preferred) - load > 2.0 * f64::from(matched))
             {
-                Some(lighter) => (lighter, 0, Reason::Spilled),
+                Some((lighter, _)) => (lighter, 0, Reason::Spilled),
                 None => (preferred, matched, reason),
             }
         } else {
@@ -577,11 +615,24 @@ impl Policy for PrefixAware {
                 }
                 acc
             });
+        // A request mostly its own or spilled: the figures that decided.
+        let figures = if mostly_own || primary != preferred {
+            self.figures(
+                snapshot,
+                preferred,
+                primary,
+                (bound, prefill_bound),
+                lightest.map(|(_, load)| load),
+            )
+        } else {
+            Vec::new()
+        };
         Choice {
             primary: Some(primary),
             fallbacks,
             matched_chunks: matched,
             reason,
+            figures,
         }
     }
 

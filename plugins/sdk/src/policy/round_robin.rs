@@ -46,6 +46,7 @@ impl Policy for RoundRobin {
             fallbacks: order.take(self.max_fallbacks).collect(),
             matched_chunks: 0,
             reason: Reason::Rotation,
+            figures: Vec::new(),
         }
     }
 

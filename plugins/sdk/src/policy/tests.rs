@@ -269,9 +269,26 @@ fn prefix_aware_spills_a_request_mostly_its_own_to_the_least_queued_prefill() {
     s.upsert(&replica(t, 800));
     let c = route(&mut p, &s, &chain(7, 4, 1, 16));
     assert_eq!((c.primary, c.reason), (Some(idle), Reason::Spilled));
-    // A short one still stays home.
+    // The decision header says why: the home's queue over the bound, and
+    // where it went instead.
+    assert_eq!(
+        c.figures,
+        [
+            ("home_in_flight", 0),
+            ("in_flight_bound", 4),
+            ("home_queued", 5000),
+            ("prefill_bound", 3306),
+            ("home_recent", 5),
+            ("lightest_recent", 0),
+            ("primary_in_flight", 0),
+            ("primary_queued", 0),
+            ("primary_recent", 0),
+        ]
+    );
+    // A short one still stays home, with nothing to explain.
     let c = route(&mut p, &s, &chain(7, 4, 2, 6));
     assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
+    assert!(c.figures.is_empty(), "{:?}", c.figures);
 
     // Among replicas equally idle, the one sent the least own prefill lately:
     // `next` (first of them in rendezvous order) just got another tenant's
