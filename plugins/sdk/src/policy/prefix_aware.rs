@@ -264,11 +264,7 @@ impl PrefixAware {
         if self.config.spill_tokens == 0 || snapshot.is_empty() {
             return None;
         }
-        let total: u64 = snapshot
-            .replicas()
-            .map(|(_, rep)| rep.load.queued_prefill_tokens)
-            .sum();
-        let mean = total as f64 / snapshot.len() as f64;
+        let mean = mean_queued(snapshot);
         Some((self.config.load_factor * mean).ceil() as u64 + self.config.spill_tokens)
     }
 
@@ -293,18 +289,12 @@ impl PrefixAware {
         if self.config.balance_window == 0 {
             return None;
         }
-        let queued = |r: ReplicaRef| {
-            snapshot
-                .get(r)
-                .map_or(0, |rep| rep.load.queued_prefill_tokens)
-        };
-        let total: u64 = snapshot.replicas().map(|(r, _)| queued(r)).sum();
-        let mean = total as f64 / snapshot.len().max(1) as f64;
+        let mean = mean_queued(snapshot);
         // `min_by` keeps the first of equal minima: the rendezvous order.
         order
             .iter()
             .map(|&(_, r)| r)
-            .filter(|&r| r != home && ok(r) && queued(r) as f64 <= mean)
+            .filter(|&r| r != home && ok(r) && queued(snapshot, r) as f64 <= mean)
             .map(|r| (r, self.recent.get(r)))
             .min_by(|a, b| a.1.total_cmp(&b.1))
     }
@@ -322,11 +312,7 @@ impl PrefixAware {
         bounds: (u64, Option<u64>),
         lightest: Option<f64>,
     ) -> Vec<(&'static str, u64)> {
-        let queued = |r: ReplicaRef| {
-            snapshot
-                .get(r)
-                .map_or(0, |rep| rep.load.queued_prefill_tokens)
-        };
+        let queued = |r: ReplicaRef| queued(snapshot, r);
         let recent = |r: ReplicaRef| self.recent.get(r).round() as u64;
         let mut figures = vec![
             ("home_in_flight", self.in_flight.get(home)),
@@ -472,6 +458,19 @@ impl PrefixAware {
     }
 }
 
+/// Queued prefill tokens `r` last reported (0 when gone).
+fn queued(snapshot: &Snapshot, r: ReplicaRef) -> u64 {
+    snapshot
+        .get(r)
+        .map_or(0, |rep| rep.load.queued_prefill_tokens)
+}
+
+/// The replicas' mean reported queued prefill tokens (0 with none).
+fn mean_queued(snapshot: &Snapshot) -> f64 {
+    let total: u64 = snapshot.replicas().map(|(r, _)| queued(snapshot, r)).sum();
+    total as f64 / snapshot.len().max(1) as f64
+}
+
 impl Default for PrefixAware {
     fn default() -> Self {
         // The default configuration is valid by construction.
@@ -546,12 +545,7 @@ impl Policy for PrefixAware {
         let mostly_own = matched > 0 && total.saturating_sub(matched) > matched;
         let in_flight_ok = |r: ReplicaRef| self.in_flight.get(r) < bound;
         let under_bound = |r: ReplicaRef| {
-            let over_prefill = mostly_own
-                && prefill_bound.is_some_and(|b| {
-                    snapshot
-                        .get(r)
-                        .is_some_and(|rep| rep.load.queued_prefill_tokens > b)
-                });
+            let over_prefill = mostly_own && prefill_bound.is_some_and(|b| queued(snapshot, r) > b);
             in_flight_ok(r) && !over_prefill
         };
         let lightest = mostly_own
@@ -571,12 +565,7 @@ impl Policy for PrefixAware {
             // A request mostly its own goes to the least queued prefill;
             // any other to the first in rendezvous order, its steady second
             // holder.
-            let queued = |r: ReplicaRef| {
-                snapshot
-                    .get(r)
-                    .filter(|_| mostly_own)
-                    .map_or(0, |rep| rep.load.queued_prefill_tokens)
-            };
+            let queued = |r: ReplicaRef| if mostly_own { queued(snapshot, r) } else { 0 };
             // Among equal queues (idle replicas report none), a request mostly
             // its own goes to the least own prefill recently sent, as a move
             // does; `min_by` keeps the first of equal minima.
