@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
+use axum::http::HeaderValue;
 use axum::routing::{get, post};
 use kvmesh_gpu_server_engine::{Engine, EngineConfig, EngineHandle, FetchPolicy, TierConfig};
 use kvmesh_gpu_server_model::{ChatTemplate, Tokenizer};
@@ -179,8 +180,13 @@ impl AppState {
     }
 }
 
-/// The HTTP routes.
-pub fn router(state: Arc<AppState>) -> Router {
+/// Response header naming the replica that answered: the id it reports to the control
+/// plane. On every response, so a client, a bench or an operator can tell where a request
+/// was served behind any router (Envoy and the SGLang router both pass it on).
+pub const REPLICA_HEADER: &str = "x-kvmesh-replica";
+
+/// The HTTP routes; every response carries [`REPLICA_HEADER`] with `replica`.
+pub fn router(state: Arc<AppState>, replica: HeaderValue) -> Router {
     Router::new()
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
@@ -190,11 +196,40 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/debug/cache", get(routes::debug_cache))
         .fallback(routes::fallback)
         .with_state(state)
+        .layer(axum::middleware::map_response(
+            move |mut res: axum::response::Response| {
+                let replica = replica.clone();
+                async move {
+                    res.headers_mut().insert(REPLICA_HEADER, replica);
+                    res
+                }
+            },
+        ))
 }
 
-/// Serves on an already bound listener until the process ends.
+/// Serves on an already bound listener until the process ends, as replica `replica_id`
+/// (`None`: the listener's address, as the reporter defaults it).
+pub async fn serve_as(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    replica_id: Option<&str>,
+) -> std::io::Result<()> {
+    let id = match replica_id {
+        Some(id) => id.to_owned(),
+        None => listener.local_addr()?.to_string(),
+    };
+    let replica = HeaderValue::from_str(&id).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("replica id {id:?} is not a valid header value"),
+        )
+    })?;
+    axum::serve(listener, router(state, replica)).await
+}
+
+/// [`serve_as`] with the listener's address as the replica id.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+    serve_as(listener, state, None).await
 }
 
 #[cfg(test)]

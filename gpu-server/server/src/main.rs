@@ -11,7 +11,7 @@ use kvmesh_gpu_server_engine::{EngineConfig, FetchPolicy};
 use kvmesh_gpu_server_model::LoadOptions;
 use kvmesh_gpu_server_model::tiny::{self, TinySpec};
 use kvmesh_gpu_server_server::reporter::{ReportTarget, StateReporter};
-use kvmesh_gpu_server_server::{AppState, KvTiers, ServerConfig, serve};
+use kvmesh_gpu_server_server::{AppState, KvTiers, ServerConfig, serve_as};
 
 #[derive(Parser, Debug)]
 #[command(name = "kvmesh-gpu-server", version, about)]
@@ -43,7 +43,8 @@ struct Cli {
     /// server registers and streams its load and KV residency there.
     #[arg(long, env = "KVMESH_CONTROL_PLANE")]
     control_plane: Option<String>,
-    /// Replica id reported to the control plane (default: the advertised address).
+    /// Replica id reported to the control plane and sent in every response's
+    /// `x-kvmesh-replica` header (default: the advertised address).
     #[arg(long, env = "KVMESH_REPLICA_ID")]
     replica_id: Option<String>,
     /// `host:port` the gateway sends requests to (default: the bound address).
@@ -199,21 +200,21 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {listen}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, model = %cfg.model_name, "serving");
+    let address = cli.advertise_address.unwrap_or_else(|| bound.to_string());
+    let replica_id = cli.replica_id.unwrap_or_else(|| address.clone());
     let _reporter = cli.control_plane.map(|endpoint| {
-        let address = cli.advertise_address.unwrap_or_else(|| bound.to_string());
-        let replica_id = cli.replica_id.unwrap_or_else(|| address.clone());
         tracing::info!(%endpoint, %replica_id, %address, "reporting state to the control plane");
         StateReporter::spawn(
             &state.engine,
             ReportTarget {
                 endpoint,
-                replica_id,
+                replica_id: replica_id.clone(),
                 address,
                 model: cfg.model_name.clone(),
                 chunk_bytes: cfg.chunk_bytes,
             },
         )
     });
-    serve(listener, state).await?;
+    serve_as(listener, state, Some(&replica_id)).await?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kvmesh_gpu_server_engine::EngineConfig;
 use kvmesh_gpu_server_model::tiny::{TinySpec, write_gguf};
-use kvmesh_gpu_server_server::{AppState, ServerConfig, serve};
+use kvmesh_gpu_server_server::{AppState, REPLICA_HEADER, ServerConfig, serve, serve_as};
 use kvmesh_plugins_sdk::chunk;
 use serde_json::{Value, json};
 
@@ -22,6 +22,11 @@ struct Server {
 }
 
 async fn start(engine: EngineConfig) -> Server {
+    start_as(engine, None).await
+}
+
+/// A server answering as replica `id` (`None`: its address, the default).
+async fn start_as(engine: EngineConfig, id: Option<&'static str>) -> Server {
     let p = std::env::temp_dir().join(format!("kvmesh-http-{}.gguf", std::process::id()));
     if !p.exists() {
         // Tests run in parallel; write_gguf renames a whole file into place.
@@ -37,7 +42,10 @@ async fn start(engine: EngineConfig) -> Server {
     let state = AppState::load(&p, &cfg).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener, state.clone()));
+    match id {
+        Some(id) => tokio::spawn(serve_as(listener, state.clone(), Some(id))),
+        None => tokio::spawn(serve(listener, state.clone())),
+    };
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -104,6 +112,54 @@ impl Server {
             .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
             .collect()
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_names_the_replica_that_answered() {
+    let s = start_as(EngineConfig::default(), Some("replica-7")).await;
+    let replica = |r: &reqwest::Response| {
+        r.headers()
+            .get(REPLICA_HEADER)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let url = format!("{}/v1/chat/completions", s.base);
+    let chat = |stream: bool| {
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+               "max_tokens": 2, "stream": stream})
+    };
+    for stream in [false, true] {
+        let r = s.http.post(&url).json(&chat(stream)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(replica(&r).as_deref(), Some("replica-7"), "stream {stream}");
+    }
+    // Errors and the other routes too: where a 400 came from matters as much.
+    let bad = s.http.post(&url).json(&json!({"model": "nope"})).send();
+    let r = bad.await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), replica(&r).as_deref()),
+        (400, Some("replica-7"))
+    );
+    for path in ["/health", "/metrics", "/v1/models", "/no-such-route"] {
+        let r = s
+            .http
+            .get(format!("{}{path}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(replica(&r).as_deref(), Some("replica-7"), "{path}");
+    }
+    // Without an id, the replica is its address, as the reporter defaults it.
+    let d = start(EngineConfig::default()).await;
+    let r = d
+        .http
+        .get(format!("{}/health", d.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        replica(&r),
+        d.base.strip_prefix("http://").map(str::to_owned)
+    );
 }
 
 fn long_prompt() -> String {

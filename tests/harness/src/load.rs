@@ -20,6 +20,9 @@ pub struct Outcome {
     /// The gateway's `x-kvmesh-decision` header (replica, reason), when the
     /// response came through kvmesh.
     pub decision: Option<String>,
+    /// The replica that answered (its `x-kvmesh-replica` header), through any
+    /// router.
+    pub replica: Option<String>,
     /// Whether it completed: 2xx and, when streaming, `data: [DONE]` seen.
     pub ok: bool,
     /// Why it failed, if it did.
@@ -93,6 +96,11 @@ pub async fn send(
     o.decision = resp
         .headers()
         .get("x-kvmesh-decision")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    o.replica = resp
+        .headers()
+        .get("x-kvmesh-replica")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     if !resp.status().is_success() {

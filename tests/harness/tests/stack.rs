@@ -368,6 +368,25 @@ async fn control_plane_restart_and_strategy_swaps_under_load_fail_nothing() {
         named.iter().any(|s| s.as_deref() == Some("round-robin")),
         "no response routed by round-robin after the last swap: {named:?}"
     );
+    // And each names the replica that answered, the one the decision chose.
+    let addrs = stack.replica_addrs();
+    for o in &outcomes {
+        let endpoint = o
+            .decision
+            .as_deref()
+            .and_then(|d| d.split("; ").find_map(|f| f.strip_prefix("endpoint=")));
+        let answered = o.replica.as_deref().and_then(|id| {
+            let i: usize = id.strip_prefix("replica-")?.parse().ok()?;
+            addrs.get(i).map(ToString::to_string)
+        });
+        assert_eq!(
+            answered.as_deref(),
+            endpoint,
+            "x-kvmesh-replica {:?} against the decision {:?}",
+            o.replica,
+            o.decision
+        );
+    }
     eprintln!("{TEST}: {} requests, none failed", outcomes.len());
 }
 

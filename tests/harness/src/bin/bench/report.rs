@@ -207,7 +207,7 @@ fn requests(run: &Run, tags: &[Option<String>]) -> Vec<Value> {
                 "i": i, "tag": tags.get(i).cloned().flatten(), "ok": o.ok,
                 "sent_ms": ms(o.sent), "ttft_ms": o.ttft.map(ms), "e2e_ms": ms(o.e2e),
                 "prompt_tokens": o.prompt_tokens, "cached_tokens": o.cached_tokens,
-                "decision": o.decision,
+                "decision": o.decision, "replica": o.replica,
             })
         })
         .collect()
