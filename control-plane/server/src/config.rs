@@ -86,7 +86,8 @@ pub struct KubernetesSource {
     /// Request body limit of these pools (Envoy answers 413 above it).
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: u32,
-    /// Upstream request timeout of these pools.
+    /// Idle timeout of these pools' requests: how long one may go with no byte from its
+    /// replica (a stream that keeps sending is never cut).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
     /// Changes seen within this long are applied together.
@@ -107,7 +108,8 @@ pub struct PoolSpec {
     /// Request body limit (Envoy answers 413 above it).
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: u32,
-    /// Upstream request timeout.
+    /// Idle timeout of a request: how long it may go with no byte from its replica (a
+    /// stream that keeps sending is never cut; Envoy answers 504 when one is idle).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
     /// Routing filter; without one Envoy balances round-robin over EDS members.

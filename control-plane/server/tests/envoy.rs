@@ -445,3 +445,84 @@ async fn all_see(
     }
     Some(())
 }
+
+/// A model-server stand-in whose answer takes 3 s: `/stream` sends a piece every 300 ms,
+/// `/silent` sends nothing until the end.
+async fn slow_backend(id: &str) -> (Backend, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route(
+            "/stream",
+            axum::routing::post(|| async {
+                let pieces = futures::stream::unfold(0u32, |i| async move {
+                    if i == 10 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let piece = bytes::Bytes::from(format!("data: piece {i}\n\n"));
+                    Some((Ok::<_, std::convert::Infallible>(piece), i + 1))
+                });
+                axum::body::Body::from_stream(pieces)
+            }),
+        )
+        .route(
+            "/silent",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                "late"
+            }),
+        );
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (Backend::fake(id, addr), task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outlives_the_pool_timeout_while_it_sends_and_an_idle_one_is_cut() {
+    let Some(bin) =
+        envoy_bin("a_stream_outlives_the_pool_timeout_while_it_sends_and_an_idle_one_is_cut")
+    else {
+        return;
+    };
+    let dir = tempdir("idle");
+    let listener = free_port();
+    // A 1 s pool timeout against answers that take 3 s.
+    let yaml = cp_yaml(
+        0,
+        listener,
+        &dir.join("store"),
+        "warmup_ms: 0",
+        "    timeout_ms: 1000\n",
+    );
+    let cp = ControlPlane::start(&dir, &yaml);
+    let _envoy = Envoy::start(&bin, &dir, cp.grpc, None);
+    let (backend, _task) = slow_backend("slow").await;
+    let _reporter = backend.reporter(cp.grpc);
+    let client = reqwest::Client::new();
+    let post = |path: &'static str| {
+        client
+            .post(format!("http://127.0.0.1:{listener}{path}"))
+            .body("{}")
+            .send()
+    };
+    // Routed once the replica is in EDS (the silent path would take 3 s a try).
+    eventually("a route to the replica", WAIT, || async {
+        let r = post("/stream").await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    // Ten pieces over 3 s, each within the timeout of the last: all of them arrive.
+    let r = post("/stream").await.expect("stream");
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.expect("whole stream, not cut at 1 s");
+    let pieces: Vec<&str> = body.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(pieces.len(), 10, "{body:?}");
+    assert_eq!(pieces.last(), Some(&"data: piece 9"));
+    // Nothing for 3 s: cut by the idle timeout, a 504 from Envoy.
+    let r = post("/silent").await.expect("silent");
+    assert_eq!(r.status(), 504, "{:?}", r.text().await);
+}
