@@ -67,6 +67,9 @@ pub(crate) struct Summary {
     pub(crate) of_oracle: f64,
     /// Requests served with nothing from cache.
     pub(crate) uncached: usize,
+    /// Mostly cached requests sent while a long prefill ran on their replica
+    /// (see [`behind_long_prefill`]); `None` when no response named its replica.
+    pub(crate) behind_long: Option<usize>,
     pub(crate) ttft_ms: [f64; 3],
     pub(crate) e2e_ms: [f64; 2],
     pub(crate) decode_tps: f64,
@@ -91,6 +94,40 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
     v
+}
+
+/// Prompt tokens to compute above which a prefill counts as long (a pasted
+/// document rather than a question after a cached system prompt).
+const LONG_PREFILL_TOKENS: u64 = 1000;
+
+/// Of `served`, the requests with over half their prompt from cache that were
+/// sent while a long prefill (over [`LONG_PREFILL_TOKENS`] to compute, until
+/// its first token) was running on the replica that answered them, as their
+/// `x-kvmesh-replica` headers say. Such a request shares its replica's steps
+/// with the long prefill's chunks, which is what its TTFT pays for: how routers
+/// place long prompts shows up here before it does in the p50. `None` when no
+/// response named its replica.
+pub(crate) fn behind_long_prefill(served: &[&Outcome]) -> Option<usize> {
+    if served.iter().all(|o| o.replica.is_none()) {
+        return None;
+    }
+    let long: Vec<(usize, &str, Duration, Duration)> = served
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.prompt_tokens.saturating_sub(o.cached_tokens) > LONG_PREFILL_TOKENS)
+        .filter_map(|(i, o)| Some((i, o.replica.as_deref()?, o.sent, o.sent + o.ttft?)))
+        .collect();
+    let behind = served
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.cached_tokens * 2 > o.prompt_tokens)
+        .filter(|&(i, o)| {
+            long.iter().any(|&(j, r, from, to)| {
+                j != i && o.replica.as_deref() == Some(r) && from <= o.sent && o.sent < to
+            })
+        })
+        .count();
+    Some(behind)
 }
 
 fn max_over_mean(v: &[f64]) -> f64 {
@@ -125,6 +162,7 @@ impl Summary {
                 f64::NAN
             },
             uncached: cache.uncached,
+            behind_long: behind_long_prefill(&ok),
             ttft_ms: [pct(&ttft, 0.5), pct(&ttft, 0.9), pct(&ttft, 0.99)],
             e2e_ms: [pct(&e2e, 0.5), pct(&e2e, 0.99)],
             decode_tps: pct(&decode, 0.5),
@@ -169,17 +207,18 @@ pub(crate) fn markdown(setup: &Setup, rows: &[Summary]) -> String {
         setup.oracle.ratio,
         setup.oracle.uncached
     );
-    s.push_str("| target | ok | failed | cached ratio | of oracle | uncached requests | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | decode tok/s p50 | output tok/s | queued prefill max/mean | prefill tokens max/mean | wall s |\n");
-    s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    s.push_str("| target | ok | failed | cached ratio | of oracle | uncached requests | cached behind a long prefill | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | decode tok/s p50 | output tok/s | queued prefill max/mean | prefill tokens max/mean | wall s |\n");
+    s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} |\n",
+            "| {} | {} | {} | {:.3} | {:.2} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} |\n",
             r.name,
             r.ok,
             r.failed,
             r.cached_ratio,
             r.of_oracle,
             r.uncached,
+            r.behind_long.map_or("-".to_owned(), |n| n.to_string()),
             r.ttft_ms[0],
             r.ttft_ms[1],
             r.ttft_ms[2],
@@ -232,6 +271,7 @@ pub(crate) fn json(
             "name": r.name, "ok": r.ok, "failed": r.failed,
             "cached_ratio": r.cached_ratio, "of_oracle": r.of_oracle,
             "uncached_requests": r.uncached,
+            "cached_behind_long_prefill": r.behind_long,
             "ttft_ms": {"p50": r.ttft_ms[0], "p90": r.ttft_ms[1], "p99": r.ttft_ms[2]},
             "e2e_ms": {"p50": r.e2e_ms[0], "p99": r.e2e_ms[1]},
             "decode_tokens_per_s_p50": r.decode_tps,
@@ -418,5 +458,45 @@ mod tests {
             .position(|&h| h == "uncached requests")
             .unwrap();
         assert_eq!(rows[2][col], "2");
+        let col = rows[0]
+            .iter()
+            .position(|&h| h == "cached behind a long prefill")
+            .unwrap();
+        assert_eq!(rows[2][col], "-", "no response named its replica");
+    }
+
+    #[test]
+    fn cached_requests_behind_a_long_prefill_count_only_on_its_replica_until_its_first_token() {
+        let at = |replica: &str, sent_s: u64, prompt: u64, cached: u64, ttft_s: u64| Outcome {
+            replica: Some(replica.to_owned()),
+            sent: Duration::from_secs(sent_s),
+            ttft: Some(Duration::from_secs(ttft_s)),
+            ..outcome(true, prompt, cached)
+        };
+        let served = [
+            at("r0", 10, 3200, 800, 20), // long: 2,400 to compute, prefilling 10-30 s
+            at("r0", 15, 850, 800, 1),   // cached, behind it: counted
+            at("r0", 29, 850, 800, 1),   // still before its first token: counted
+            at("r0", 30, 850, 800, 1),   // at its first token: not
+            at("r1", 15, 850, 800, 1),   // another replica: not
+            at("r0", 15, 850, 0, 1),     // behind it but not mostly cached: not
+            at("r0", 5, 850, 800, 1),    // before it: not
+            at("r1", 40, 1900, 800, 9),  // 1,100 to compute: long, and mostly its own
+            at("r1", 41, 850, 800, 1),   // behind that one: counted
+        ];
+        let refs: Vec<&Outcome> = served.iter().collect();
+        assert_eq!(behind_long_prefill(&refs), Some(3));
+        // 1,000 tokens to compute is not long.
+        let short = [at("r0", 0, 1800, 800, 20), at("r0", 1, 850, 800, 1)];
+        assert_eq!(
+            behind_long_prefill(&short.iter().collect::<Vec<_>>()),
+            Some(0)
+        );
+        // Through a router that drops the header, nothing to say.
+        let bare = [Outcome {
+            replica: None,
+            ..at("r0", 1, 850, 800, 1)
+        }];
+        assert_eq!(behind_long_prefill(&bare.iter().collect::<Vec<_>>()), None);
     }
 }
