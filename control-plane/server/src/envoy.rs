@@ -6,6 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::accesslog::v3::{
+    AccessLogFilter, ComparisonFilter, StatusCodeFilter, access_log_filter, comparison_filter,
+};
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, LoadBalancingPolicy, circuit_breakers, cluster, load_balancing_policy,
 };
@@ -14,8 +17,9 @@ use envoy_types::pb::envoy::config::common::mutation_rules::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, AsyncDataSource, ConfigSource, DataSource,
-    ExtensionConfigSource, SocketAddress, TypedExtensionConfig, address, async_data_source,
-    config_source, data_source, socket_address,
+    ExtensionConfigSource, RuntimeUInt32, SocketAddress, SubstitutionFormatString,
+    TypedExtensionConfig, address, async_data_source, config_source, data_source, socket_address,
+    substitution_format_string,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -31,7 +35,8 @@ use envoy_types::pb::envoy::extensions::filters::http::header_mutation::v3::{
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+    HttpConnectionManager, HttpFilter, LocalReplyConfig, Rds, ResponseMapper,
+    http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::override_host::v3::{
@@ -41,7 +46,7 @@ use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::Previou
 use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
 use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{
-    Any, BoolValue, Duration as PbDuration, StringValue, UInt32Value,
+    Any, BoolValue, Duration as PbDuration, StringValue, Struct, UInt32Value, Value, value,
 };
 use kvmesh_control_plane_xds::{Resource, type_url};
 use prost::{Message, Name};
@@ -149,6 +154,117 @@ fn routing_filter_slot(pool: &str, disabled: bool) -> HttpFilter {
     }
 }
 
+/// Envoy's own error replies, in the shape the model server answers with
+/// (`{"error":{"message","type","param","code"}}`, `application/json`), so that an OpenAI
+/// client reads a gateway error as an API error: `(status, type, code, message)`, the first
+/// match wins; a `None` message keeps Envoy's own text ("no healthy upstream", the reset
+/// reason of a refused connection). Every other status of 400 or more gets the type of
+/// its class and no code. A reply under 400 (the state probe's 200) is left as it is.
+/// `envoy/static/*.yaml` carry the same table.
+const LOCAL_REPLIES: &[(u32, &str, Option<&str>, Option<&str>)] = &[
+    (
+        404,
+        "invalid_request_error",
+        Some("not_found"),
+        Some("no route for this path"),
+    ),
+    (
+        413,
+        "invalid_request_error",
+        Some("request_too_large"),
+        None,
+    ),
+    (429, "rate_limit_error", Some("rate_limited"), None),
+    (503, "server_error", Some("upstream_unavailable"), None),
+    (
+        504,
+        "server_error",
+        Some("upstream_timeout"),
+        Some("the model server sent nothing within the gateway's timeout"),
+    ),
+];
+
+/// The HTTP connection manager's `local_reply_config`: [`LOCAL_REPLIES`], then every other
+/// 5xx as `server_error` and 4xx as `invalid_request_error`, with no code.
+fn local_reply_config() -> LocalReplyConfig {
+    fn string(s: &str) -> Value {
+        Value {
+            kind: Some(value::Kind::StringValue(s.into())),
+        }
+    }
+    fn or_null(s: Option<&str>) -> Value {
+        s.map_or(
+            Value {
+                kind: Some(value::Kind::NullValue(0)),
+            },
+            string,
+        )
+    }
+    fn mapper(
+        op: comparison_filter::Op,
+        status: u32,
+        kind: &str,
+        code: Option<&str>,
+        message: Option<&str>,
+    ) -> ResponseMapper {
+        let error = Struct {
+            fields: [
+                ("message", string(message.unwrap_or("%LOCAL_REPLY_BODY%"))),
+                ("type", string(kind)),
+                ("param", or_null(None)),
+                ("code", or_null(code)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        };
+        let body = Struct {
+            fields: [(
+                "error".to_owned(),
+                Value {
+                    kind: Some(value::Kind::StructValue(error)),
+                },
+            )]
+            .into(),
+        };
+        let runtime_key = format!(
+            "kvmesh.local_reply.{}_{status}",
+            op.as_str_name().to_lowercase()
+        );
+        ResponseMapper {
+            filter: Some(AccessLogFilter {
+                filter_specifier: Some(access_log_filter::FilterSpecifier::StatusCodeFilter(
+                    StatusCodeFilter {
+                        comparison: Some(ComparisonFilter {
+                            op: op as i32,
+                            value: Some(RuntimeUInt32 {
+                                default_value: status,
+                                runtime_key,
+                            }),
+                        }),
+                    },
+                )),
+            }),
+            body_format_override: Some(SubstitutionFormatString {
+                format: Some(substitution_format_string::Format::JsonFormat(body)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+    use comparison_filter::Op;
+    let mut mappers: Vec<ResponseMapper> = LOCAL_REPLIES
+        .iter()
+        .map(|&(status, kind, code, message)| mapper(Op::Eq, status, kind, code, message))
+        .collect();
+    mappers.push(mapper(Op::Ge, 500, "server_error", None, None));
+    mappers.push(mapper(Op::Ge, 400, "invalid_request_error", None, None));
+    LocalReplyConfig {
+        mappers,
+        ..Default::default()
+    }
+}
+
 fn router() -> HttpFilter {
     HttpFilter {
         name: "envoy.filters.http.router".into(),
@@ -175,6 +291,7 @@ fn http_listener(
             route_config_name: route_config.to_owned(),
         })),
         http_filters,
+        local_reply_config: Some(local_reply_config()),
         ..Default::default()
     };
     let l = Listener {
@@ -478,5 +595,99 @@ fn wasm_plugin(name: &str, module_path: &str, configuration_json: &str) -> Plugi
             ..Default::default()
         })),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(op, status, type, code, message)` of each mapper, in order.
+    type Row = (String, u64, String, Option<String>, String);
+
+    fn rows_of_yaml(mappers: &serde_yaml::Value) -> Vec<Row> {
+        let seq = mappers.as_sequence().expect("mappers");
+        seq.iter()
+            .map(|m| {
+                let cmp = &m["filter"]["status_code_filter"]["comparison"];
+                let e = &m["body_format_override"]["json_format"]["error"];
+                assert!(e["param"].is_null());
+                (
+                    cmp["op"].as_str().expect("op").to_owned(),
+                    cmp["value"]["default_value"].as_u64().expect("status"),
+                    e["type"].as_str().expect("type").to_owned(),
+                    e["code"].as_str().map(str::to_owned),
+                    e["message"].as_str().expect("message").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn rows_of(config: &LocalReplyConfig) -> Vec<Row> {
+        let text = |v: &Value| match &v.kind {
+            Some(value::Kind::StringValue(s)) => Some(s.clone()),
+            Some(value::Kind::NullValue(_)) => None,
+            other => panic!("unexpected value {other:?}"),
+        };
+        config
+            .mappers
+            .iter()
+            .map(|m| {
+                let Some(access_log_filter::FilterSpecifier::StatusCodeFilter(f)) =
+                    m.filter.as_ref().and_then(|f| f.filter_specifier.as_ref())
+                else {
+                    panic!("not a status filter: {m:?}")
+                };
+                let cmp = f.comparison.as_ref().expect("comparison");
+                let op = comparison_filter::Op::try_from(cmp.op).expect("op");
+                let Some(substitution_format_string::Format::JsonFormat(body)) = m
+                    .body_format_override
+                    .as_ref()
+                    .and_then(|b| b.format.as_ref())
+                else {
+                    panic!("not a JSON body: {m:?}")
+                };
+                let Some(value::Kind::StructValue(e)) =
+                    body.fields.get("error").and_then(|v| v.kind.as_ref())
+                else {
+                    panic!("no error object: {body:?}")
+                };
+                assert_eq!(text(&e.fields["param"]), None);
+                (
+                    op.as_str_name().to_owned(),
+                    u64::from(cmp.value.as_ref().expect("value").default_value),
+                    text(&e.fields["type"]).expect("type"),
+                    text(&e.fields["code"]),
+                    text(&e.fields["message"]).expect("message"),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn static_configs_answer_envoys_errors_as_the_control_plane_does() {
+        let ours = rows_of(&local_reply_config());
+        // Errors only, and the catch-alls last: a mapper's order is its precedence.
+        assert!(ours.iter().all(|r| r.1 >= 400));
+        assert_eq!(
+            ours.iter()
+                .rev()
+                .take(2)
+                .map(|r| (r.0.as_str(), r.1))
+                .collect::<Vec<_>>(),
+            [("GE", 400), ("GE", 500)]
+        );
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../envoy/static");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&root).expect("envoy/static") {
+            let path = entry.expect("entry").path();
+            let text = std::fs::read_to_string(&path).expect("read");
+            let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+            let hcm = &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+            let theirs = rows_of_yaml(&hcm["local_reply_config"]["mappers"]);
+            assert_eq!(theirs, ours, "{}", path.display());
+            seen += 1;
+        }
+        assert_eq!(seen, 3);
     }
 }

@@ -481,16 +481,11 @@ async fn slow_backend(id: &str) -> (Backend, tokio::task::JoinHandle<()>) {
     (Backend::fake(id, addr), task)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_outlives_the_pool_timeout_while_it_sends_and_an_idle_one_is_cut() {
-    let Some(bin) =
-        envoy_bin("a_stream_outlives_the_pool_timeout_while_it_sends_and_an_idle_one_is_cut")
-    else {
-        return;
-    };
-    let dir = tempdir("idle");
+/// A control plane with one pool whose timeout is 1 s, no replica yet, and Envoy following
+/// it; returns them and the pool's listener port.
+fn pool_with_a_1s_timeout(bin: &std::path::Path, tag: &str) -> (ControlPlane, Envoy, u16) {
+    let dir = tempdir(tag);
     let listener = free_port();
-    // A 1 s pool timeout against answers that take 3 s.
     let yaml = cp_yaml(
         0,
         listener,
@@ -499,7 +494,19 @@ async fn a_stream_outlives_the_pool_timeout_while_it_sends_and_an_idle_one_is_cu
         "    timeout_ms: 1000\n",
     );
     let cp = ControlPlane::start(&dir, &yaml);
-    let _envoy = Envoy::start(&bin, &dir, cp.grpc, None);
+    let envoy = Envoy::start(bin, &dir, cp.grpc, None);
+    (cp, envoy, listener)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outlives_the_pool_timeout_while_it_sends_and_an_idle_one_is_cut() {
+    let Some(bin) =
+        envoy_bin("a_stream_outlives_the_pool_timeout_while_it_sends_and_an_idle_one_is_cut")
+    else {
+        return;
+    };
+    // A 1 s pool timeout against answers that take 3 s.
+    let (cp, _envoy, listener) = pool_with_a_1s_timeout(&bin, "idle");
     let (backend, _task) = slow_backend("slow").await;
     let _reporter = backend.reporter(cp.grpc);
     let client = reqwest::Client::new();
@@ -525,4 +532,50 @@ async fn a_stream_outlives_the_pool_timeout_while_it_sends_and_an_idle_one_is_cu
     // Nothing for 3 s: cut by the idle timeout, a 504 from Envoy.
     let r = post("/silent").await.expect("silent");
     assert_eq!(r.status(), 504, "{:?}", r.text().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_own_errors_come_in_the_openai_shape() {
+    let Some(bin) = envoy_bin("envoys_own_errors_come_in_the_openai_shape") else {
+        return;
+    };
+    let (cp, _envoy, listener) = pool_with_a_1s_timeout(&bin, "local-reply");
+    let client = reqwest::Client::new();
+    let post = |path: &'static str| {
+        client
+            .post(format!("http://127.0.0.1:{listener}{path}"))
+            .body("{}")
+            .send()
+    };
+    // The pool has no replica yet: Envoy answers 503 itself.
+    let (status, body) = eventually("the listener answers", WAIT, || async {
+        let r = post("/v1/chat/completions").await.ok()?;
+        Some((r.status().as_u16(), r.text().await.ok()?))
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let message = openai_error(&body, "server_error", Some("upstream_unavailable"));
+    assert_eq!(message, "no healthy upstream");
+    // A replica that stays silent past the 1 s pool timeout: Envoy's 504.
+    let (backend, _task) = slow_backend("slow").await;
+    let _reporter = backend.reporter(cp.grpc);
+    eventually("a route to the replica", WAIT, || async {
+        let r = post("/stream").await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let r = post("/silent").await.expect("silent");
+    assert_eq!(r.status(), 504);
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    let body = r.text().await.expect("body");
+    let message = openai_error(&body, "server_error", Some("upstream_timeout"));
+    assert_eq!(
+        message,
+        "the model server sent nothing within the gateway's timeout"
+    );
 }

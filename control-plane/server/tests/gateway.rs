@@ -190,10 +190,11 @@ async fn kubernetes_pools_share_the_gateway_by_path_and_come_and_go() {
         .await;
         assert_eq!(got, body, "{path}");
     }
-    let (status, _, _) = ask(&client, gateway, "/nope/x/v1/completions", "m")
+    let (status, body, _) = ask(&client, gateway, "/nope/x/v1/completions", "m")
         .await
         .expect("answer");
     assert_eq!(status, 404, "a path of no pool");
+    openai_error(&body, "invalid_request_error", Some("not_found"));
 
     // Remove `lab/kv` and `team/batch` while `team/chat` is under load: the others go,
     // `team/chat` fails nothing. (A fresh connection per request: a listener update drains

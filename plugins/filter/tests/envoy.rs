@@ -340,6 +340,55 @@ async fn a_503_or_refused_primary_is_retried_on_the_fallback() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_replica_down_the_gateway_answers_503_in_the_openai_shape() -> Result<()> {
+    let dead: Vec<String> = (0..2)
+        .map(|_| {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .to_string())
+        })
+        .collect::<Result<_>>()?;
+    let ups = [Upstream::start("u0", Behaviour::Status(400)).await?];
+    for strategy in ["round-robin", "prefix-aware", "kv-aware"] {
+        let list: Vec<&str> = dead.iter().map(String::as_str).collect();
+        let gw = gateway(strategy, &list, 1, |_| {}).await?;
+        let r = fresh_connection_client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .json(&chat("t", "anyone?"))
+            .send()
+            .await?;
+        assert_eq!(r.status().as_u16(), 503, "{strategy}");
+        let content_type = r.headers().get("content-type").cloned();
+        let v: Value = r.json().await?;
+        assert_eq!(
+            content_type.as_ref().and_then(|v| v.to_str().ok()),
+            Some("application/json"),
+            "{strategy}: {v}"
+        );
+        let e = &v["error"];
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str(), e["param"].is_null()),
+            (Some("server_error"), Some("upstream_unavailable"), true),
+            "{strategy}: {v}"
+        );
+        let message = e["message"].as_str().unwrap_or_default();
+        assert!(message.contains("connection"), "{strategy}: {message}");
+        // An upstream's own error passes through untouched (not a reply of Envoy's).
+        drop(gw);
+        let gw = gateway(strategy, &addrs(&ups), 1, |_| {}).await?;
+        let r = fresh_connection_client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .json(&chat("t", "bad"))
+            .send()
+            .await?;
+        assert_eq!(r.status().as_u16(), 400, "{strategy}");
+        let v: Value = r.json().await?;
+        assert_eq!(v, json!({"error": {"message": "injected"}}), "{strategy}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_endpoint_header_is_overwritten() -> Result<()> {
     let ups = upstreams(2).await?;
     let body = chat("docs", "pin me");

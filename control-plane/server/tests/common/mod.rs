@@ -478,3 +478,20 @@ pub fn replica_field(view: &serde_json::Value, id: &str, field: &str) -> Option<
         .find(|r| r["id"] == id)?[field]
         .as_u64()
 }
+
+/// Checks that `body` is an OpenAI error (`{"error":{"message","type","param","code"}}`, a
+/// non-empty message) of `kind` and `code`; returns its message.
+pub fn openai_error(body: &str, kind: &str, code: Option<&str>) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"));
+    let e = &v["error"];
+    let message = e["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "no message: {body}");
+    assert_eq!(e["type"], kind, "{body}");
+    assert_eq!(e["code"].as_str(), code, "{body}");
+    assert!(
+        e.get("param").is_some_and(serde_json::Value::is_null),
+        "{body}"
+    );
+    message.to_owned()
+}
