@@ -37,7 +37,14 @@
 //!   request's new chunks but does not take over the prefix: the prefix's
 //!   home stays where it is cached, and the spill target warms up as its
 //!   second holder, so a hot prefix spreads as load grows instead of
-//!   pinning one replica or moving back and forth.
+//!   pinning one replica or moving back and forth. A request mostly cached
+//!   does not leave a home that reports `spill_tokens` or more queued
+//!   prefill for a replica reporting less than that many fewer: there it
+//!   would wait about as long and compute its whole prompt on top (an
+//!   overloaded bench run moved six onto queues as long as their homes',
+//!   each then waiting 30 to 72 s). It stays home up to `spill_gap` over the
+//!   bound, then leaves as before. Under that much queued prefill the home is
+//!   decoding, and the bound alone decides.
 //! - Bounded prefill, for requests with a known home whose own part (chunks
 //!   past the matched prefix) outweighs their cached part (a new prefix is
 //!   placed as above): no replica takes one while it reports more than
@@ -113,8 +120,10 @@ pub struct PrefixAwareConfig {
     /// before it spills (>= 1; 1 leaves the relative bound alone).
     pub spill_gap: u64,
     /// Queued prefill tokens a replica may report above `load_factor` times
-    /// the mean before a request that is mostly its own spills off it
-    /// (0: no bound on prefill).
+    /// the mean before a request that is mostly its own spills off it; also
+    /// the queued prefill from which a request mostly cached leaves a home
+    /// over the in-flight bound only for a replica reporting that many fewer
+    /// (0: no bound on prefill, and the in-flight bound is hard).
     pub spill_tokens: u64,
     /// Routed requests over which the own prefill sent to each replica is
     /// remembered, for balancing requests that are mostly their own (0:
@@ -330,6 +339,31 @@ impl PrefixAware {
             ]);
         }
         figures
+    }
+
+    /// Whether a request mostly cached at `home`, over the in-flight bound (`bound`) there,
+    /// may leave it for `r`. It leaves a home that reports `spill_tokens` or more queued
+    /// prefill only for a replica reporting at least that many fewer: at a replica as busy
+    /// as its home it would wait as long and compute its whole prompt on top (an overloaded
+    /// bench run moved six such requests onto queues as long as their homes', and each
+    /// waited 30 to 72 s). Below that the in-flight bound alone decides: the home is
+    /// decoding, not prefilling, and a spill spreads the decode. At `spill_gap` over the
+    /// bound it leaves whatever is queued: the in-flight bound is soft, never gone.
+    /// (A request mostly its own moves more prefill than its move recomputes: the prefill
+    /// bound and the balance decide for it.)
+    fn cached_leaves_for(
+        &self,
+        snapshot: &Snapshot,
+        home: ReplicaRef,
+        r: ReplicaRef,
+        bound: u64,
+    ) -> bool {
+        let margin = self.config.spill_tokens;
+        let home_queued = queued(snapshot, home);
+        margin == 0
+            || home_queued < margin
+            || self.in_flight.get(home) >= bound.saturating_add(self.config.spill_gap)
+            || queued(snapshot, r) + margin <= home_queued
     }
 
     /// Affinity entries held.
@@ -565,6 +599,9 @@ impl Policy for PrefixAware {
             // A request mostly its own goes to the least queued prefill;
             // any other to the first in rendezvous order, its steady second
             // holder.
+            let leaves_for = |r: ReplicaRef| {
+                mostly_own || matched == 0 || self.cached_leaves_for(snapshot, preferred, r, bound)
+            };
             let queued = |r: ReplicaRef| if mostly_own { queued(snapshot, r) } else { 0 };
             // Among equal queues (idle replicas report none), a request mostly
             // its own goes to the least own prefill recently sent, as a move
@@ -574,14 +611,15 @@ impl Policy for PrefixAware {
             };
             let others = || order.iter().map(|&(_, r)| r).filter(|&r| r != preferred);
             let spill = others()
-                .filter(|&r| under_bound(r))
+                .filter(|&r| under_bound(r) && leaves_for(r))
                 .min_by(|&a, &b| {
                     queued(a)
                         .cmp(&queued(b))
                         .then(recent(a).total_cmp(&recent(b)))
                 })
                 .or_else(|| {
-                    (!in_flight_ok(preferred)).then(|| others().find(|&r| in_flight_ok(r)))?
+                    (!in_flight_ok(preferred))
+                        .then(|| others().find(|&r| in_flight_ok(r) && leaves_for(r)))?
                 })
                 .unwrap_or(preferred);
             let m = if spill == preferred { matched } else { 0 };
@@ -604,8 +642,9 @@ impl Policy for PrefixAware {
                 }
                 acc
             });
-        // A request mostly its own or spilled: the figures that decided.
-        let figures = if mostly_own || primary != preferred {
+        // A request mostly its own, spilled, or kept at a home over the in-flight
+        // bound: the figures that decided.
+        let figures = if mostly_own || primary != preferred || !in_flight_ok(preferred) {
             self.figures(
                 snapshot,
                 preferred,

@@ -160,6 +160,75 @@ fn prefix_aware_does_not_spill_a_small_imbalance() {
 }
 
 #[test]
+fn prefix_aware_keeps_a_cached_request_home_when_leaving_would_not_start_its_prefill_sooner() {
+    // Two replicas; a tenant's home takes requests until it is `spill_gap` (4) ahead.
+    let mut s = pool(2);
+    let mut p = PrefixAware::default();
+    let request = |i: u64| chain(7, 4, i, 5); // 4 chunks cached, 1 of its own
+    let home = route(&mut p, &s, &request(0)).primary.unwrap();
+    let slot = |r: ReplicaRef| s.get(r).unwrap().id[1..].parse::<usize>().unwrap();
+    let (h, o) = (slot(home), 1 - slot(home));
+    for i in 1..4 {
+        assert_eq!(route(&mut p, &s, &request(i)).primary, Some(home));
+    }
+    assert_eq!(p.in_flight(home), p.load_bound(&s));
+    let at = |s: &mut Snapshot, home_queued, other_queued| {
+        s.upsert(&replica(h, home_queued));
+        s.upsert(&replica(o, other_queued));
+    };
+    let try_route = |p: &PrefixAware, s: &Snapshot, i| {
+        p.select(
+            s,
+            &Request {
+                chunks: &request(i),
+                prompt_bytes: 5 * 256,
+            },
+        )
+    };
+    // Both busy prefilling, about equally (bench run 31: 2,057 and 2,008): leaving would
+    // queue as long and recompute the prompt. It stays, and says why.
+    at(&mut s, 2057, 2008);
+    let c = try_route(&p, &s, 10);
+    assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
+    let figures: HashMap<_, _> = c.figures.iter().copied().collect();
+    assert_eq!(figures["home_queued"], 2057);
+    assert_eq!(figures["home_in_flight"], figures["in_flight_bound"]);
+    // The other reports at least `spill_tokens` (1,024) fewer: it leaves.
+    at(&mut s, 2057, 1033);
+    assert_eq!(try_route(&p, &s, 11).reason, Reason::Spilled);
+    at(&mut s, 2057, 1034);
+    assert_eq!(try_route(&p, &s, 12).primary, Some(home));
+    // A home queueing under `spill_tokens` is decoding, not prefilling: the in-flight
+    // bound alone decides, as before.
+    at(&mut s, 1000, 1000);
+    assert_eq!(try_route(&p, &s, 13).reason, Reason::Spilled);
+    // Kept home, it takes requests up to `spill_gap` (4) over the bound, then they leave
+    // whatever is queued.
+    at(&mut s, 2057, 2008);
+    for i in 20.. {
+        assert!(i < 100, "never left");
+        let bound = p.load_bound(&s);
+        if route(&mut p, &s, &request(i)).primary != Some(home) {
+            assert_eq!(p.in_flight(home), bound + 4);
+            break;
+        }
+    }
+    // `spill_tokens: 0` (no prefill awareness) keeps the hard bound.
+    let mut off = PrefixAware::new(PrefixAwareConfig {
+        spill_tokens: 0,
+        ..PrefixAwareConfig::default()
+    })
+    .unwrap();
+    at(&mut s, 0, 0);
+    let home = route(&mut off, &s, &request(0)).primary.unwrap();
+    at(&mut s, 2057, 2008);
+    for i in 1..4 {
+        assert_eq!(route(&mut off, &s, &request(i)).primary, Some(home));
+    }
+    assert_eq!(route(&mut off, &s, &request(4)).reason, Reason::Spilled);
+}
+
+#[test]
 fn prefix_aware_spill_keeps_the_prefix_home_and_a_steady_second_holder() {
     let s = pool(4);
     let mut p = PrefixAware::default();
@@ -1046,7 +1115,11 @@ proptest! {
                     let bound = pa.load_bound(&s);
                     let c = pa.select(&s, &req);
                     if let Some(r) = c.primary {
-                        prop_assert!(pa.in_flight(r) < bound);
+                        // Hard for a request moved; soft, up to `spill_gap` (4) over, for one
+                        // mostly cached kept at a home busy prefilling.
+                        let kept = c.reason != Reason::Spilled && c.matched_chunks > 0;
+                        let limit = if kept { bound + 4 } else { bound };
+                        prop_assert!(pa.in_flight(r) < limit, "{} of {limit}", pa.in_flight(r));
                     }
                     pa.observe(&s, &Event::Routed { request: &req, choice: &c });
                 }
