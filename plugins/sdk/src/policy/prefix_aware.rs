@@ -38,13 +38,13 @@
 //!   home stays where it is cached, and the spill target warms up as its
 //!   second holder, so a hot prefix spreads as load grows instead of
 //!   pinning one replica or moving back and forth. A request mostly cached
-//!   does not leave a home that reports `spill_tokens` or more queued
-//!   prefill for a replica reporting less than that many fewer: there it
-//!   would wait about as long and compute its whole prompt on top (an
-//!   overloaded bench run moved six onto queues as long as their homes',
-//!   each then waiting 30 to 72 s). It stays home up to `spill_gap` over the
-//!   bound, then leaves as before. Under that much queued prefill the home is
-//!   decoding, and the bound alone decides.
+//!   stays at a home that reports `spill_tokens` or more queued prefill, up
+//!   to `spill_gap` over the bound: the model server runs the shortest
+//!   prefill work first, so its few own tokens are computed there soon,
+//!   while the whole prompt it would compute elsewhere waits behind the
+//!   prefill there (overloaded bench runs: 24 to 72 s for such a move, 3 to
+//!   6 s kept home). Under that much queued prefill the home is decoding, and
+//!   the bound alone decides.
 //! - Bounded prefill, for requests with a known home whose own part (chunks
 //!   past the matched prefix) outweighs their cached part (a new prefix is
 //!   placed as above): no replica takes one while it reports more than
@@ -121,9 +121,9 @@ pub struct PrefixAwareConfig {
     pub spill_gap: u64,
     /// Queued prefill tokens a replica may report above `load_factor` times
     /// the mean before a request that is mostly its own spills off it; also
-    /// the queued prefill from which a request mostly cached leaves a home
-    /// over the in-flight bound only for a replica reporting that many fewer
-    /// (0: no bound on prefill, and the in-flight bound is hard).
+    /// the queued prefill at which a request mostly cached stays at a home
+    /// over the in-flight bound, up to `spill_gap` over it (0: no bound on
+    /// prefill, and the in-flight bound is hard).
     pub spill_tokens: u64,
     /// Routed requests over which the own prefill sent to each replica is
     /// remembered, for balancing requests that are mostly their own (0:
@@ -342,28 +342,21 @@ impl PrefixAware {
     }
 
     /// Whether a request mostly cached at `home`, over the in-flight bound (`bound`) there,
-    /// may leave it for `r`. It leaves a home that reports `spill_tokens` or more queued
-    /// prefill only for a replica reporting at least that many fewer: at a replica as busy
-    /// as its home it would wait as long and compute its whole prompt on top (an overloaded
-    /// bench run moved six such requests onto queues as long as their homes', and each
-    /// waited 30 to 72 s). Below that the in-flight bound alone decides: the home is
-    /// decoding, not prefilling, and a spill spreads the decode. At `spill_gap` over the
-    /// bound it leaves whatever is queued: the in-flight bound is soft, never gone.
-    /// (A request mostly its own moves more prefill than its move recomputes: the prefill
-    /// bound and the balance decide for it.)
-    fn cached_leaves_for(
-        &self,
-        snapshot: &Snapshot,
-        home: ReplicaRef,
-        r: ReplicaRef,
-        bound: u64,
-    ) -> bool {
+    /// stays home: when the home reports `spill_tokens` or more queued prefill, up to
+    /// `spill_gap` over the bound. The model server runs the shortest prefill work first, so
+    /// at a home busy prefilling a cached request's few own tokens are computed in its next
+    /// step, while the whole prompt it would compute elsewhere waits behind whatever
+    /// prefill is there (bench run 31 moved six such requests, and each waited 30 to 72 s;
+    /// run 34, with moves only to replicas reporting 1,024 fewer queued tokens, moved three,
+    /// which waited 24 to 62 s, while the three it kept home waited 3 to 6 s). Under that
+    /// much queued prefill the home is decoding, and the bound alone decides. (A request
+    /// mostly its own moves more prefill than its move recomputes: the prefill bound and
+    /// the balance decide for it.)
+    fn cached_stays_home(&self, snapshot: &Snapshot, home: ReplicaRef, bound: u64) -> bool {
         let margin = self.config.spill_tokens;
-        let home_queued = queued(snapshot, home);
-        margin == 0
-            || home_queued < margin
-            || self.in_flight.get(home) >= bound.saturating_add(self.config.spill_gap)
-            || queued(snapshot, r) + margin <= home_queued
+        margin > 0
+            && queued(snapshot, home) >= margin
+            && self.in_flight.get(home) < bound.saturating_add(self.config.spill_gap)
     }
 
     /// Affinity entries held.
@@ -599,9 +592,9 @@ impl Policy for PrefixAware {
             // A request mostly its own goes to the least queued prefill;
             // any other to the first in rendezvous order, its steady second
             // holder.
-            let leaves_for = |r: ReplicaRef| {
-                mostly_own || matched == 0 || self.cached_leaves_for(snapshot, preferred, r, bound)
-            };
+            // A request mostly cached stays at a home busy prefilling, for a while.
+            let stays =
+                !mostly_own && matched > 0 && self.cached_stays_home(snapshot, preferred, bound);
             let queued = |r: ReplicaRef| if mostly_own { queued(snapshot, r) } else { 0 };
             // Among equal queues (idle replicas report none), a request mostly
             // its own goes to the least own prefill recently sent, as a move
@@ -611,7 +604,7 @@ impl Policy for PrefixAware {
             };
             let others = || order.iter().map(|&(_, r)| r).filter(|&r| r != preferred);
             let spill = others()
-                .filter(|&r| under_bound(r) && leaves_for(r))
+                .filter(|&r| !stays && under_bound(r))
                 .min_by(|&a, &b| {
                     queued(a)
                         .cmp(&queued(b))
@@ -619,7 +612,7 @@ impl Policy for PrefixAware {
                 })
                 .or_else(|| {
                     (!in_flight_ok(preferred))
-                        .then(|| others().find(|&r| in_flight_ok(r) && leaves_for(r)))?
+                        .then(|| others().find(|&r| !stays && in_flight_ok(r)))?
                 })
                 .unwrap_or(preferred);
             let m = if spill == preferred { matched } else { 0 };

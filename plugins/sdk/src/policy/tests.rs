@@ -160,7 +160,7 @@ fn prefix_aware_does_not_spill_a_small_imbalance() {
 }
 
 #[test]
-fn prefix_aware_keeps_a_cached_request_home_when_leaving_would_not_start_its_prefill_sooner() {
+fn prefix_aware_keeps_a_cached_request_at_a_home_busy_prefilling_for_a_while() {
     // Two replicas; a tenant's home takes requests until it is `spill_gap` (4) ahead.
     let mut s = pool(2);
     let mut p = PrefixAware::default();
@@ -185,25 +185,22 @@ fn prefix_aware_keeps_a_cached_request_home_when_leaving_would_not_start_its_pre
             },
         )
     };
-    // Both busy prefilling, about equally (bench run 31: 2,057 and 2,008): leaving would
-    // queue as long and recompute the prompt. It stays, and says why.
-    at(&mut s, 2057, 2008);
-    let c = try_route(&p, &s, 10);
-    assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
-    let figures: HashMap<_, _> = c.figures.iter().copied().collect();
-    assert_eq!(figures["home_queued"], 2057);
-    assert_eq!(figures["home_in_flight"], figures["in_flight_bound"]);
-    // The other reports at least `spill_tokens` (1,024) fewer: it leaves.
-    at(&mut s, 2057, 1033);
+    // The home reports `spill_tokens` (1,024) or more queued prefill: the request's own
+    // chunk is computed there soon (shortest work first), its whole prompt elsewhere
+    // would wait behind the prefill there. It stays, however idle the other replica,
+    // and says why.
+    for other in [2008, 0] {
+        at(&mut s, 2057, other);
+        let c = try_route(&p, &s, 10);
+        assert_eq!((c.primary, c.reason), (Some(home), Reason::Affinity));
+        let figures: HashMap<_, _> = c.figures.iter().copied().collect();
+        assert_eq!(figures["home_queued"], 2057);
+        assert_eq!(figures["home_in_flight"], figures["in_flight_bound"]);
+    }
+    // A home queueing less prefill is decoding: the in-flight bound alone decides.
+    at(&mut s, 1023, 0);
     assert_eq!(try_route(&p, &s, 11).reason, Reason::Spilled);
-    at(&mut s, 2057, 1034);
-    assert_eq!(try_route(&p, &s, 12).primary, Some(home));
-    // A home queueing under `spill_tokens` is decoding, not prefilling: the in-flight
-    // bound alone decides, as before.
-    at(&mut s, 1000, 1000);
-    assert_eq!(try_route(&p, &s, 13).reason, Reason::Spilled);
-    // Kept home, it takes requests up to `spill_gap` (4) over the bound, then they leave
-    // whatever is queued.
+    // Kept home, it takes requests up to `spill_gap` (4) over the bound, then they leave.
     at(&mut s, 2057, 2008);
     for i in 20.. {
         assert!(i < 100, "never left");
