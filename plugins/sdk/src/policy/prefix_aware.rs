@@ -43,7 +43,7 @@
 //!   prefill work first, so its few own tokens are computed there soon,
 //!   while the whole prompt it would compute elsewhere waits behind the
 //!   prefill there (overloaded bench runs: 24 to 72 s for such a move, 3 to
-//!   6 s kept home). Under that much queued prefill the home is decoding, and
+//!   6 s kept home). A home reporting less is decoding, not prefilling, and
 //!   the bound alone decides.
 //! - Bounded prefill, for requests with a known home whose own part (chunks
 //!   past the matched prefix) outweighs their cached part (a new prefix is
@@ -348,8 +348,8 @@ impl PrefixAware {
     /// step, while the whole prompt it would compute elsewhere waits behind whatever
     /// prefill is there (bench run 31 moved six such requests, and each waited 30 to 72 s;
     /// run 34, with moves only to replicas reporting 1,024 fewer queued tokens, moved three,
-    /// which waited 24 to 62 s, while the three it kept home waited 3 to 6 s). Under that
-    /// much queued prefill the home is decoding, and the bound alone decides. (A request
+    /// which waited 24 to 62 s, while the three it kept home waited 3 to 6 s). A home
+    /// reporting less is decoding, not prefilling, and the bound alone decides. (A request
     /// mostly its own moves more prefill than its move recomputes: the prefill bound and
     /// the balance decide for it.)
     fn cached_stays_home(&self, snapshot: &Snapshot, home: ReplicaRef, bound: u64) -> bool {
