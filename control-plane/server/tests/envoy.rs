@@ -529,41 +529,7 @@ async fn a_stream_outlives_the_pool_timeout_while_it_sends_and_an_idle_one_is_cu
     let pieces: Vec<&str> = body.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(pieces.len(), 10, "{body:?}");
     assert_eq!(pieces.last(), Some(&"data: piece 9"));
-    // Nothing for 3 s: cut by the idle timeout, a 504 from Envoy.
-    let r = post("/silent").await.expect("silent");
-    assert_eq!(r.status(), 504, "{:?}", r.text().await);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoys_own_errors_come_in_the_openai_shape() {
-    let Some(bin) = envoy_bin("envoys_own_errors_come_in_the_openai_shape") else {
-        return;
-    };
-    let (cp, _envoy, listener) = pool_with_a_1s_timeout(&bin, "local-reply");
-    let client = reqwest::Client::new();
-    let post = |path: &'static str| {
-        client
-            .post(format!("http://127.0.0.1:{listener}{path}"))
-            .body("{}")
-            .send()
-    };
-    // The pool has no replica yet: Envoy answers 503 itself.
-    let (status, body) = eventually("the listener answers", WAIT, || async {
-        let r = post("/v1/chat/completions").await.ok()?;
-        Some((r.status().as_u16(), r.text().await.ok()?))
-    })
-    .await;
-    assert_eq!(status, 503, "{body}");
-    let message = openai_error(&body, "server_error", Some("upstream_unavailable"));
-    assert_eq!(message, "no healthy upstream");
-    // A replica that stays silent past the 1 s pool timeout: Envoy's 504.
-    let (backend, _task) = slow_backend("slow").await;
-    let _reporter = backend.reporter(cp.grpc);
-    eventually("a route to the replica", WAIT, || async {
-        let r = post("/stream").await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    // Nothing for 3 s: cut by the idle timeout, a 504 from Envoy in the OpenAI error shape.
     let r = post("/silent").await.expect("silent");
     assert_eq!(r.status(), 504);
     assert_eq!(
@@ -578,4 +544,27 @@ async fn envoys_own_errors_come_in_the_openai_shape() {
         message,
         "the model server sent nothing within the gateway's timeout"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_with_no_replica_answers_503_in_the_openai_shape() {
+    let Some(bin) = envoy_bin("a_pool_with_no_replica_answers_503_in_the_openai_shape") else {
+        return;
+    };
+    let (_cp, _envoy, listener) = pool_with_a_1s_timeout(&bin, "no-replica");
+    let client = reqwest::Client::new();
+    // No replica has registered: Envoy answers 503 itself, once its listener is up.
+    let (status, body) = eventually("the listener answers", WAIT, || async {
+        let r = client
+            .post(format!("http://127.0.0.1:{listener}/v1/chat/completions"))
+            .body("{}")
+            .send()
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.text().await.ok()?))
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let message = openai_error(&body, "server_error", Some("upstream_unavailable"));
+    assert_eq!(message, "no healthy upstream");
 }
