@@ -211,7 +211,7 @@ fn local_reply_config() -> LocalReplyConfig {
             fields: [
                 ("message", string(message.unwrap_or("%LOCAL_REPLY_BODY%"))),
                 ("type", string(kind)),
-                ("param", or_null(None)),
+                ("param", or_null(None)), // always null, as the model server's
                 ("code", or_null(code)),
             ]
             .into_iter()

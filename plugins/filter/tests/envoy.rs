@@ -66,14 +66,19 @@ async fn gateway(
     Ok(Gateway { envoy, url })
 }
 
-/// Sends a chat completion; returns (status, the upstream that answered, the
-/// decision header).
-async fn send(client: &reqwest::Client, url: &str, body: &Value) -> Result<(u16, String, String)> {
-    let r = client
+/// Sends a chat completion through the gateway at `url`.
+async fn post_chat(client: &reqwest::Client, url: &str, body: &Value) -> Result<reqwest::Response> {
+    Ok(client
         .post(format!("{url}/v1/chat/completions"))
         .json(body)
         .send()
-        .await?;
+        .await?)
+}
+
+/// Sends a chat completion; returns (status, the upstream that answered, the
+/// decision header).
+async fn send(client: &reqwest::Client, url: &str, body: &Value) -> Result<(u16, String, String)> {
+    let r = post_chat(client, url, body).await?;
     let status = r.status().as_u16();
     let decision = r
         .headers()
@@ -352,11 +357,7 @@ async fn with_every_replica_down_the_gateway_answers_503_in_the_openai_shape() -
     for strategy in ["round-robin", "prefix-aware", "kv-aware"] {
         let list: Vec<&str> = dead.iter().map(String::as_str).collect();
         let gw = gateway(strategy, &list, 1, |_| {}).await?;
-        let r = fresh_connection_client()
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .json(&chat("t", "anyone?"))
-            .send()
-            .await?;
+        let r = post_chat(&fresh_connection_client(), &gw.url, &chat("t", "anyone?")).await?;
         assert_eq!(r.status().as_u16(), 503, "{strategy}");
         let content_type = r.headers().get("content-type").cloned();
         let v: Value = r.json().await?;
@@ -376,11 +377,7 @@ async fn with_every_replica_down_the_gateway_answers_503_in_the_openai_shape() -
         // An upstream's own error passes through untouched (not a reply of Envoy's).
         drop(gw);
         let gw = gateway(strategy, &addrs(&ups), 1, |_| {}).await?;
-        let r = fresh_connection_client()
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .json(&chat("t", "bad"))
-            .send()
-            .await?;
+        let r = post_chat(&fresh_connection_client(), &gw.url, &chat("t", "bad")).await?;
         assert_eq!(r.status().as_u16(), 400, "{strategy}");
         let v: Value = r.json().await?;
         assert_eq!(v, json!({"error": {"message": "injected"}}), "{strategy}");

@@ -586,15 +586,15 @@ impl Policy for PrefixAware {
                 None => (preferred, matched, reason),
             }
         } else {
+            // A request mostly cached stays at a home busy prefilling, for a while.
+            let stays =
+                !mostly_own && matched > 0 && self.cached_stays_home(snapshot, preferred, bound);
             // Some replica is always under the in-flight bound (at least the
             // mean plus one request), but none may be under the prefill
             // bound as well: then the request stays under the in-flight one.
             // A request mostly its own goes to the least queued prefill;
             // any other to the first in rendezvous order, its steady second
             // holder.
-            // A request mostly cached stays at a home busy prefilling, for a while.
-            let stays =
-                !mostly_own && matched > 0 && self.cached_stays_home(snapshot, preferred, bound);
             let queued = |r: ReplicaRef| if mostly_own { queued(snapshot, r) } else { 0 };
             // Among equal queues (idle replicas report none), a request mostly
             // its own goes to the least own prefill recently sent, as a move
@@ -603,18 +603,21 @@ impl Policy for PrefixAware {
                 if mostly_own { self.recent.get(r) } else { 0.0 }
             };
             let others = || order.iter().map(|&(_, r)| r).filter(|&r| r != preferred);
-            let spill = others()
-                .filter(|&r| !stays && under_bound(r))
-                .min_by(|&a, &b| {
-                    queued(a)
-                        .cmp(&queued(b))
-                        .then(recent(a).total_cmp(&recent(b)))
-                })
-                .or_else(|| {
-                    (!in_flight_ok(preferred))
-                        .then(|| others().find(|&r| !stays && in_flight_ok(r)))?
-                })
-                .unwrap_or(preferred);
+            let spill = if stays {
+                preferred
+            } else {
+                others()
+                    .filter(|&r| under_bound(r))
+                    .min_by(|&a, &b| {
+                        queued(a)
+                            .cmp(&queued(b))
+                            .then(recent(a).total_cmp(&recent(b)))
+                    })
+                    .or_else(|| {
+                        (!in_flight_ok(preferred)).then(|| others().find(|&r| in_flight_ok(r)))?
+                    })
+                    .unwrap_or(preferred)
+            };
             let m = if spill == preferred { matched } else { 0 };
             (
                 spill,

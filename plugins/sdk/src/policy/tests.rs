@@ -1112,9 +1112,10 @@ proptest! {
                     let bound = pa.load_bound(&s);
                     let c = pa.select(&s, &req);
                     if let Some(r) = c.primary {
-                        // Hard for a request moved; soft, up to `spill_gap` (4) over, for one
-                        // mostly cached kept at a home busy prefilling.
-                        let kept = c.reason != Reason::Spilled && c.matched_chunks > 0;
+                        // Hard for a request moved or mostly its own; soft, up to `spill_gap`
+                        // (4) over, for one mostly cached kept at a home busy prefilling.
+                        let m = c.matched_chunks as usize;
+                        let kept = c.reason != Reason::Spilled && m > 0 && len - m <= m;
                         let limit = if kept { bound + 4 } else { bound };
                         prop_assert!(pa.in_flight(r) < limit, "{} of {limit}", pa.in_flight(r));
                     }
